@@ -1,0 +1,233 @@
+//! A self-healing RabbitMQ publisher with publisher confirms.
+//!
+//! The relay (and the worker, for retry tiers and the parking lot) publish through one
+//! [`Publisher`]: a pool of confirm-mode channels on one connection, picked round-robin, each
+//! carrying many outstanding confirms. No channel per request and no lock around `publish`.
+//!
+//! A supervisor task owns the connection. When the broker goes away every publish fails fast
+//! with [`PublishError::Unavailable`] (the relay answers 503, Catena retries) while the
+//! supervisor reconnects with exponential backoff and re-declares the topology. `is_ready`
+//! drives `/readyz`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use backoff::ExponentialBackoff;
+use backoff::backoff::Backoff;
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Notify;
+
+use crate::shutdown::Shutdown;
+use crate::topology::{self, Names};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker connection not available")]
+    Unavailable,
+    #[error("broker nacked the message")]
+    Nacked,
+    #[error("message was unroutable and returned by the broker")]
+    Unroutable,
+    #[error("no publisher confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// Connect with a recognisable connection name (shown in the management UI).
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, props).await
+}
+
+/// Exponential backoff for reconnect loops: 100 ms doubling to 5 s, forever.
+pub fn reconnect_backoff() -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        max_interval: Duration::from_secs(5),
+        max_elapsed_time: None,
+        ..Default::default()
+    }
+}
+
+struct Session {
+    connection: Connection,
+    channels: Vec<Channel>,
+}
+
+impl Session {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.channels.iter().all(|c| c.status().connected())
+    }
+}
+
+struct Inner {
+    url: String,
+    conn_name: String,
+    names: Names,
+    channel_count: usize,
+    session: RwLock<Option<Arc<Session>>>,
+    next: AtomicUsize,
+    broken: Notify,
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+impl Publisher {
+    /// Start the supervisor; the first connection is attempted in the background, so a relay
+    /// can come up (not ready) before the broker does.
+    pub fn start(
+        url: &str,
+        conn_name: &str,
+        names: Names,
+        channel_count: usize,
+        shutdown: Shutdown,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            url: url.to_owned(),
+            conn_name: conn_name.to_owned(),
+            names,
+            channel_count: channel_count.max(1),
+            session: RwLock::new(None),
+            next: AtomicUsize::new(0),
+            broken: Notify::new(),
+        });
+        tokio::spawn(supervise(inner.clone(), shutdown));
+        Self { inner }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.session().is_some_and(|s| s.healthy())
+    }
+
+    /// Wait until the first session is up, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.is_ready() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.is_ready()
+    }
+
+    fn session(&self) -> Option<Arc<Session>> {
+        self.inner
+            .session
+            .read()
+            .expect("session lock poisoned")
+            .clone()
+    }
+
+    /// Publish persistently with `mandatory` and wait for the confirm, up to `deadline`.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        deadline: Duration,
+    ) -> Result<(), PublishError> {
+        let session = self.session().ok_or(PublishError::Unavailable)?;
+        let index = self.inner.next.fetch_add(1, Ordering::Relaxed) % session.channels.len();
+        let channel = &session.channels[index];
+        let properties = properties.with_delivery_mode(2);
+        let outcome = tokio::time::timeout(deadline, async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        match outcome {
+            Err(_) => Err(PublishError::ConfirmTimeout(deadline)),
+            Ok(Err(e)) => {
+                self.inner.broken.notify_one();
+                Err(PublishError::Broker(e))
+            }
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(Confirmation::NotRequested)) => unreachable!("channels are in confirm mode"),
+        }
+    }
+}
+
+async fn open_session(inner: &Inner) -> lapin::Result<Session> {
+    let connection = connect(&inner.url, &inner.conn_name).await?;
+    let setup = connection.create_channel().await?;
+    topology::declare(&setup, &inner.names).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+    let mut channels = Vec::with_capacity(inner.channel_count);
+    for _ in 0..inner.channel_count {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channels.push(channel);
+    }
+    Ok(Session {
+        connection,
+        channels,
+    })
+}
+
+async fn supervise(inner: Arc<Inner>, shutdown: Shutdown) {
+    let mut backoff = reconnect_backoff();
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.wait() => break,
+            s = open_session(&inner) => s,
+        };
+        match attempt {
+            Ok(session) => {
+                backoff.reset();
+                tracing::info!(connection = %inner.conn_name, "broker session ready");
+                let session = Arc::new(session);
+                *inner.session.write().expect("session lock poisoned") = Some(session.clone());
+                // Watch for loss: a failed publish wakes us at once, the poll catches idle loss.
+                loop {
+                    tokio::select! {
+                        _ = shutdown.wait() => break,
+                        _ = inner.broken.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                    if !session.healthy() {
+                        break;
+                    }
+                }
+                *inner.session.write().expect("session lock poisoned") = None;
+                if shutdown.is_triggered() {
+                    let _ = session.connection.close(200, "shutdown".into()).await;
+                    break;
+                }
+                tracing::warn!(connection = %inner.conn_name, "broker session lost, reconnecting");
+                let _ = session.connection.close(320, "reconnecting".into()).await;
+            }
+            Err(error) => {
+                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(%error, retry_in = ?wait, "broker connect failed");
+                tokio::select! {
+                    _ = shutdown.wait() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The `catena-ingest` binary: parse the command line, set up telemetry, run one subcommand.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use catena_ingest::config::{BrokerArgs, RelayArgs, SecretArgs, parse_duration};
+use catena_ingest::relay::{self, RelayConfig};
+use catena_ingest::scenario::{self, ScenarioOptions};
+use catena_ingest::send::{self, Outgoing, SendOptions};
+use catena_ingest::shutdown::Shutdown;
+use catena_ingest::telemetry::{self, LogFormat};
+use catena_ingest::{broker, topology};
+
+/// Webhook ingestion for Catena fleet events: edge relay -> RabbitMQ -> workers -> PostgreSQL.
+#[derive(Parser, Debug)]
+#[command(name = "catena-ingest", version, about, long_about = None)]
+struct Cli {
+    /// Log encoding.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The HTTP edge: verify each webhook, publish it with a confirm, answer 202 (or 401/4xx/503).
+    Relay {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
+    /// Declare exchanges and queues (idempotent; relay and worker also do it at start).
+    Topology {
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Sign and POST Catena-shaped webhooks: one event from a file, or a generated scenario.
+    Send(SendArgs),
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    /// Relay base URL.
+    #[arg(long, env = "SEND_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+
+    /// Send this one envelope (a JSON file, or `-` for stdin) instead of a scenario.
+    #[arg(long, conflicts_with = "fleets")]
+    file: Option<PathBuf>,
+
+    /// Generate the full lifecycles of this many fleets.
+    #[arg(long, default_value_t = 10)]
+    fleets: usize,
+
+    /// Seed of the generated scenario (same seed, same events).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+
+    /// Prefix of generated fleet_refs (defaults to a random run tag).
+    #[arg(long)]
+    ref_prefix: Option<String>,
+
+    /// Fraction of deliveries repeated with a higher delivery attempt, as Catena's retries do.
+    #[arg(long, default_value_t = 0.0)]
+    duplicates: f64,
+
+    /// Send in random order instead of lifecycle order.
+    #[arg(long)]
+    shuffle: bool,
+
+    /// Webhook subscription id to send as (X-Webhook-ID).
+    #[arg(long, default_value = scenario::DEFAULT_WEBHOOK_ID)]
+    webhook_id: String,
+
+    /// Signing secret. Defaults to the first usable entry of CATENA_WEBHOOK_SECRETS, else the
+    /// secret `dev` wrote to .catena-dev-secret.
+    #[arg(long, env = "SEND_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+
+    /// Requests per second (0 = as fast as the concurrency allows).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+
+    /// Retries after a 5xx or a timeout, as Catena does.
+    #[arg(long, default_value_t = 3)]
+    retries: u32,
+
+    /// Per-request timeout (Catena waits 3 s).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// Send uncompressed bodies.
+    #[arg(long)]
+    no_gzip: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Relay {
+            broker,
+            secrets,
+            relay,
+        } => run_relay(broker, secrets, relay).await,
+        Command::Topology { broker } => {
+            let connection = broker::connect(&broker.amqp_url, "catena-ingest topology")
+                .await
+                .context("connecting to RabbitMQ")?;
+            let channel = connection.create_channel().await?;
+            topology::declare(&channel, &broker.names())
+                .await
+                .context("declaring the topology")?;
+            println!("topology declared with prefix `{}`", broker.name_prefix);
+            Ok(())
+        }
+        Command::Send(args) => run_send(args).await,
+    }
+}
+
+pub fn relay_config(
+    broker: &BrokerArgs,
+    secrets: &SecretArgs,
+    relay: &RelayArgs,
+) -> anyhow::Result<RelayConfig> {
+    let store = secrets.load().context("loading webhook secrets")?;
+    if store.is_empty() {
+        bail!("no webhook secrets: set CATENA_WEBHOOK_SECRETS or CATENA_WEBHOOK_SECRETS_FILE");
+    }
+    let mut config = RelayConfig::new(&relay.relay_listen, &broker.amqp_url, broker.names(), store);
+    config.max_body_bytes = relay.max_body_bytes;
+    config.max_decompressed_bytes = relay.max_decompressed_bytes;
+    config.confirm_timeout = relay.confirm_timeout;
+    config.publish_channels = relay.publish_channels;
+    config.max_concurrency = relay.max_concurrency;
+    config.body_timeout = relay.body_timeout;
+    Ok(config)
+}
+
+async fn run_relay(
+    broker: BrokerArgs,
+    secrets: SecretArgs,
+    relay: RelayArgs,
+) -> anyhow::Result<()> {
+    let config = relay_config(&broker, &secrets, &relay)?;
+    let shutdown = Shutdown::new();
+    shutdown.trigger_on_signals();
+    let running = relay::start(config, shutdown)
+        .await
+        .with_context(|| format!("binding {}", relay.relay_listen))?;
+    running.handle.await?;
+    Ok(())
+}
+
+fn send_secret(args: &SendArgs) -> anyhow::Result<String> {
+    if let Some(secret) = &args.secret {
+        return Ok(secret.clone());
+    }
+    if let Ok(pairs) = std::env::var("CATENA_WEBHOOK_SECRETS") {
+        for pair in pairs.split([',', '\n']) {
+            if let Some((id, secret)) = pair.trim().split_once('=')
+                && (id.trim() == args.webhook_id || id.trim() == "*")
+            {
+                return Ok(secret.trim().to_owned());
+            }
+        }
+    }
+    if let Ok(secret) = std::fs::read_to_string(".catena-dev-secret") {
+        return Ok(secret.trim().to_owned());
+    }
+    bail!("no signing secret: pass --secret, set CATENA_WEBHOOK_SECRETS, or start `dev` first")
+}
+
+async fn run_send(args: SendArgs) -> anyhow::Result<()> {
+    let secret = send_secret(&args)?;
+    let mut options = SendOptions::new(
+        &format!("{}{}", args.url.trim_end_matches('/'), relay::WEBHOOK_PATH),
+        &secret,
+    );
+    options.concurrency = args.concurrency;
+    options.rate = args.rate;
+    options.retries = args.retries;
+    options.timeout = args.timeout;
+    options.gzip = !args.no_gzip;
+
+    let outgoing = if let Some(path) = &args.file {
+        let mut body = Vec::new();
+        if path.as_os_str() == "-" {
+            std::io::stdin().read_to_end(&mut body)?;
+        } else {
+            body = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        }
+        let envelope: serde_json::Value =
+            serde_json::from_slice(&body).context("the file is not JSON")?;
+        let event_name = envelope["event_name"].as_str().unwrap_or("unknown");
+        let webhook_id = envelope["webhook_id"].as_str().unwrap_or(&args.webhook_id);
+        vec![Outgoing::new(event_name, webhook_id, body.clone())]
+    } else {
+        let mut scenario_options = ScenarioOptions::new(args.fleets, args.seed);
+        scenario_options.webhook_id = args.webhook_id.clone();
+        scenario_options.ref_prefix = args.ref_prefix.clone().unwrap_or_else(|| {
+            format!("FLEET-{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
+        });
+        let events = scenario::generate(&scenario_options);
+        let deliveries = if args.duplicates > 0.0 || args.shuffle {
+            scenario::duplicated_and_shuffled(&events, args.duplicates, args.seed)
+        } else {
+            scenario::in_order(&events)
+        };
+        eprintln!(
+            "sending {} deliveries of {} events for {} fleets (refs {}-*)",
+            deliveries.len(),
+            events.len(),
+            args.fleets,
+            scenario_options.ref_prefix
+        );
+        deliveries
+            .iter()
+            .map(|d| Outgoing::from_delivery(&events, d))
+            .collect()
+    };
+    let report = send::send_all(&options, outgoing).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print();
+    }
+    if report.failed > 0 || report.rejected > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

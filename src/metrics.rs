@@ -1,0 +1,211 @@
+//! Prometheus metrics: the names are a public contract (dashboards and alert rules use them).
+//!
+//! Each component registers into its own [`Registry`] rather than the global default, so several
+//! apps can run in one test process and `dev` can serve relay and worker metrics side by side.
+//! No label ever carries an id: label sets are bounded by construction.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Relay outcomes, fixed so every series exists from the first scrape.
+pub const RELAY_OUTCOMES: [&str; 8] = [
+    "accepted",
+    "invalid_signature",
+    "stale_timestamp",
+    "bad_request",
+    "too_large",
+    "unavailable",
+    "method_not_allowed",
+    "not_found",
+];
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+const LAG_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique per registry");
+    metric
+}
+
+#[derive(Clone)]
+pub struct RelayMetrics {
+    pub requests: IntCounterVec,
+    pub request_duration: Histogram,
+    pub publish_confirm: Histogram,
+    pub broker_ready: IntGauge,
+    pub inflight: IntGauge,
+}
+
+impl RelayMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let requests = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new("catena_relay_requests_total", "Webhook requests by outcome"),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
+        for outcome in RELAY_OUTCOMES {
+            requests.with_label_values(&[outcome]);
+        }
+        Self {
+            requests,
+            request_duration: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "catena_relay_request_duration_seconds",
+                        "Time from request start to response, all outcomes",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .unwrap(),
+            ),
+            publish_confirm: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "catena_relay_publish_confirm_seconds",
+                        "Time from publish to broker confirm",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .unwrap(),
+            ),
+            broker_ready: register(
+                registry,
+                IntGauge::new(
+                    "catena_relay_broker_ready",
+                    "1 when a confirm channel to the broker is ready",
+                )
+                .unwrap(),
+            ),
+            inflight: register(
+                registry,
+                IntGauge::new(
+                    "catena_relay_inflight_requests",
+                    "Webhook requests being handled",
+                )
+                .unwrap(),
+            ),
+        }
+    }
+}
+
+/// Worker outcomes per event.
+pub const WORKER_OUTCOMES: [&str; 5] = ["applied", "duplicate", "retried", "parked", "ignored"];
+
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub events: IntCounterVec,
+    pub batch_seconds: Histogram,
+    pub batch_size: Histogram,
+    pub event_lag: Histogram,
+    pub inflight: IntGauge,
+    pub ready: IntGauge,
+    pub pool_connections: IntGaugeVec,
+    pub pool_max: IntGauge,
+    pub alerts_raised: IntCounterVec,
+}
+
+impl WorkerMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            events: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "catena_worker_events_total",
+                        "Events handled by the worker, by event name (known names, else `other`) and outcome",
+                    ),
+                    &["event_name", "outcome"],
+                )
+                .unwrap(),
+            ),
+            batch_seconds: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "catena_worker_batch_seconds",
+                        "Time to apply and commit one batch",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .unwrap(),
+            ),
+            batch_size: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("catena_worker_batch_size", "Messages per batch")
+                        .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0]),
+                )
+                .unwrap(),
+            ),
+            event_lag: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "catena_worker_event_lag_seconds",
+                        "Commit time minus relay receive time",
+                    )
+                    .buckets(LAG_BUCKETS.to_vec()),
+                )
+                .unwrap(),
+            ),
+            inflight: register(
+                registry,
+                IntGauge::new(
+                    "catena_worker_inflight",
+                    "Messages received and not yet acked",
+                )
+                .unwrap(),
+            ),
+            ready: register(
+                registry,
+                IntGauge::new(
+                    "catena_worker_ready",
+                    "1 when consuming with broker and database reachable",
+                )
+                .unwrap(),
+            ),
+            pool_connections: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new("catena_db_pool_connections", "Database pool connections by state"),
+                    &["state"],
+                )
+                .unwrap(),
+            ),
+            pool_max: register(
+                registry,
+                IntGauge::new("catena_db_pool_max_connections", "Database pool size").unwrap(),
+            ),
+            alerts_raised: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new("catena_alerts_raised_total", "Alerts opened by this worker"),
+                    &["kind"],
+                )
+                .unwrap(),
+            ),
+        }
+    }
+}
+
+/// The `text/plain; version=0.0.4` exposition of a registry.
+pub fn render(registry: &Registry) -> String {
+    let mut buf = Vec::with_capacity(8 * 1024);
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    String::from_utf8(buf).expect("exposition is UTF-8")
+}

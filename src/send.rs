@@ -1,0 +1,244 @@
+//! `catena-ingest send`: sign and POST webhooks exactly the way Catena does.
+//!
+//! gzip body, `X-Catena-Timestamp` + HMAC signature over the uncompressed bytes, every header of
+//! Catena's sample request, and Catena's retry behaviour on 5xx/timeouts (the same event with a
+//! higher `X-Delivery-Attempt`). It is the demo, the load generator and a test tool.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use hdrhistogram::Histogram;
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::gunzip::gzip;
+use crate::scenario::{Delivery, Event};
+use crate::signature::sign;
+
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    /// Full webhook URL, e.g. http://127.0.0.1:8080/webhooks/catena
+    pub url: String,
+    pub secret: String,
+    pub concurrency: usize,
+    /// Requests per second, 0 = as fast as `concurrency` allows.
+    pub rate: f64,
+    /// Retries after a 5xx or a transport error, as Catena does (3).
+    pub retries: u32,
+    pub timeout: Duration,
+    pub gzip: bool,
+}
+
+impl SendOptions {
+    pub fn new(url: &str, secret: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            secret: secret.to_owned(),
+            concurrency: 32,
+            rate: 0.0,
+            retries: 3,
+            timeout: Duration::from_secs(3),
+            gzip: true,
+        }
+    }
+}
+
+/// What happened to each delivery, and latencies of every HTTP exchange.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct SendReport {
+    pub deliveries: u64,
+    /// Deliveries that ended in a 2xx (after retries).
+    pub accepted: u64,
+    /// Deliveries refused with a 4xx (not retried, as Catena does not).
+    pub rejected: u64,
+    /// Deliveries still failing after every retry (Catena would dead-letter them).
+    pub failed: u64,
+    /// HTTP attempts beyond the first.
+    pub retries: u64,
+    pub requests: u64,
+    pub elapsed_seconds: f64,
+    pub accepted_per_second: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p90: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
+    /// Indexes (into the delivery list) of deliveries that got a 2xx.
+    #[serde(skip)]
+    pub accepted_deliveries: Vec<usize>,
+    /// Status counts, e.g. {"202": 100, "503": 3}.
+    pub statuses: std::collections::BTreeMap<String, u64>,
+}
+
+impl SendReport {
+    pub fn print(&self) {
+        println!(
+            "deliveries={} accepted={} rejected={} failed={} retries={} in {:.2}s -> {:.0} accepted/s",
+            self.deliveries,
+            self.accepted,
+            self.rejected,
+            self.failed,
+            self.retries,
+            self.elapsed_seconds,
+            self.accepted_per_second
+        );
+        println!(
+            "latency ms: p50={:.2} p90={:.2} p99={:.2} max={:.2}   statuses: {:?}",
+            self.latency_ms_p50,
+            self.latency_ms_p90,
+            self.latency_ms_p99,
+            self.latency_ms_max,
+            self.statuses
+        );
+    }
+}
+
+/// One prepared request: the body and how to address it.
+pub struct Outgoing {
+    pub event_name: String,
+    pub webhook_id: String,
+    body: Vec<u8>,
+}
+
+impl Outgoing {
+    pub fn new(event_name: &str, webhook_id: &str, body: Vec<u8>) -> Self {
+        Self {
+            event_name: event_name.to_owned(),
+            webhook_id: webhook_id.to_owned(),
+            body,
+        }
+    }
+
+    pub fn from_delivery(events: &[Event], delivery: &Delivery) -> Self {
+        let event = &events[delivery.event];
+        Self::new(
+            &event.event_name,
+            event.webhook_id(),
+            event.body(delivery.attempt),
+        )
+    }
+}
+
+struct Shared {
+    report: SendReport,
+    histogram: Histogram<u64>,
+}
+
+pub fn client(options: &SendOptions) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(options.timeout)
+        .pool_max_idle_per_host(options.concurrency.max(1))
+        .build()
+        .expect("building an HTTP client")
+}
+
+/// Send every request, `concurrency` at a time, at most `rate` per second.
+pub async fn send_all(options: &SendOptions, outgoing: Vec<Outgoing>) -> SendReport {
+    let client = client(options);
+    let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let shared = Arc::new(Mutex::new(Shared {
+        report: SendReport {
+            deliveries: outgoing.len() as u64,
+            ..Default::default()
+        },
+        histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+    }));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, out) in outgoing.into_iter().enumerate() {
+        if options.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(index as f64 / options.rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let (client, options, shared) = (client.clone(), options.clone(), shared.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            deliver(&client, &options, index, out, &shared).await;
+        });
+        // Reap finished tasks as we go so the set stays small on long runs.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = started.elapsed().as_secs_f64();
+    let shared = Arc::try_unwrap(shared)
+        .ok()
+        .expect("all tasks finished")
+        .into_inner();
+    let mut report = shared.report;
+    let h = shared.histogram;
+    report.elapsed_seconds = elapsed;
+    report.accepted_per_second = report.accepted as f64 / elapsed.max(1e-9);
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    report.latency_ms_p50 = ms(0.5);
+    report.latency_ms_p90 = ms(0.9);
+    report.latency_ms_p99 = ms(0.99);
+    report.latency_ms_max = h.max() as f64 / 1000.0;
+    report.accepted_deliveries.sort_unstable();
+    report
+}
+
+async fn deliver(
+    client: &reqwest::Client,
+    options: &SendOptions,
+    index: usize,
+    out: Outgoing,
+    shared: &Mutex<Shared>,
+) {
+    let compressed = options.gzip.then(|| gzip(&out.body));
+    let mut attempt = 1u32;
+    loop {
+        let timestamp = Utc::now().to_rfc3339_opts(SecondsFormat::Secs, false);
+        let signature = sign(options.secret.as_bytes(), &timestamp, &out.body);
+        let mut request = client
+            .post(&options.url)
+            .header("Content-Type", "application/json")
+            .header("User-Agent", "Catena-Webhook")
+            .header("Accept", "application/json")
+            .header("X-Catena-Signature", signature)
+            .header("X-Catena-Timestamp", &timestamp)
+            .header("X-Event-Type", &out.event_name)
+            .header("X-Webhook-ID", &out.webhook_id)
+            .header("X-Request-ID", uuid::Uuid::new_v4().to_string())
+            .header("X-Schema-Version", "1.0")
+            .header("X-Source", "catena-notifications")
+            .header("X-Delivery-Attempt", attempt.to_string());
+        request = match &compressed {
+            Some(z) => request.header("Content-Encoding", "gzip").body(z.clone()),
+            None => request.body(out.body.clone()),
+        };
+        let t0 = Instant::now();
+        let status = request.send().await.map(|r| r.status().as_u16()).ok();
+        let micros = t0.elapsed().as_micros() as u64;
+        let mut s = shared.lock().await;
+        s.report.requests += 1;
+        let _ = s.histogram.record(micros.max(1));
+        let label = status.map_or_else(|| "error".to_owned(), |c| c.to_string());
+        *s.report.statuses.entry(label).or_default() += 1;
+        match status {
+            Some(code) if (200..300).contains(&code) => {
+                s.report.accepted += 1;
+                s.report.accepted_deliveries.push(index);
+                return;
+            }
+            Some(code) if (400..500).contains(&code) => {
+                s.report.rejected += 1;
+                return;
+            }
+            _ if attempt > options.retries => {
+                s.report.failed += 1;
+                return;
+            }
+            _ => {
+                s.report.retries += 1;
+                drop(s);
+                // Catena: exponential backoff, all retries inside ~5 s.
+                tokio::time::sleep(Duration::from_millis(250 << (attempt - 1))).await;
+                attempt += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Broker topology: names and idempotent declarations.
+//!
+//! ```text
+//! <p>.events (topic) --#--> <p>.events (quorum, delivery-limit, DLX -> <p>.parked)
+//! worker --> <p>.retry.<tier> (quorum, message TTL, DLX -> <p>.events exchange) --> back to <p>.events
+//! worker --> <p>.parked (quorum)
+//! ```
+//! Retry tiers are plain TTL queues (no delayed-message plugin: it is not replicated). Every
+//! queue is a quorum queue so messages survive a broker node loss; dead-lettering is
+//! `at-least-once` so nothing is dropped on the way to a tier or the parking lot.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+use std::time::Duration;
+
+/// Retry delays, in order; a message that failed `attempt` times goes to tier `attempt - 1`.
+pub const RETRY_TIERS: [Duration; 4] = [
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(300),
+    Duration::from_secs(1800),
+];
+
+/// Deliveries of one message before the broker parks it (a worker crash-loop guard).
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// Every exchange and queue name, derived from `CATENA_NAME_PREFIX`.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub prefix: String,
+    pub events_exchange: String,
+    pub events_queue: String,
+    pub parked_queue: String,
+    retry_delays: Vec<Duration>,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self::with_retry_delays(prefix, RETRY_TIERS.to_vec())
+    }
+
+    /// Tests shorten the delays; production uses [`RETRY_TIERS`].
+    pub fn with_retry_delays(prefix: &str, retry_delays: Vec<Duration>) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            events_exchange: format!("{prefix}.events"),
+            events_queue: format!("{prefix}.events"),
+            parked_queue: format!("{prefix}.parked"),
+            retry_delays,
+        }
+    }
+
+    pub fn retry_tiers(&self) -> impl Iterator<Item = (String, Duration)> + '_ {
+        self.retry_delays
+            .iter()
+            .map(|d| (format!("{}.retry.{}", self.prefix, human(*d)), *d))
+    }
+
+    /// The tier queue for a message that has now failed `attempts` times, or `None` when the
+    /// tiers are exhausted and it belongs in the parking lot.
+    pub fn retry_queue_for(&self, attempts: u32) -> Option<String> {
+        self.retry_tiers()
+            .nth(attempts.saturating_sub(1) as usize)
+            .map(|(name, _)| name)
+    }
+
+    pub fn retry_tier_count(&self) -> usize {
+        self.retry_delays.len()
+    }
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(v.into())
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), s("quorum"));
+    args
+}
+
+/// Declare everything. Idempotent and safe to run from many processes at once: the broker
+/// treats an identical re-declaration as a no-op.
+pub async fn declare(channel: &Channel, names: &Names) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            names.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+
+    channel
+        .queue_declare(names.parked_queue.as_str().into(), durable, quorum_args())
+        .await?;
+
+    let mut main = quorum_args();
+    main.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    main.insert("x-dead-letter-exchange".into(), s(""));
+    main.insert("x-dead-letter-routing-key".into(), s(&names.parked_queue));
+    main.insert("x-dead-letter-strategy".into(), s("at-least-once"));
+    main.insert("x-overflow".into(), s("reject-publish"));
+    channel
+        .queue_declare(names.events_queue.as_str().into(), durable, main)
+        .await?;
+    channel
+        .queue_bind(
+            names.events_queue.as_str().into(),
+            names.events_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    for (queue, delay) in names.retry_tiers() {
+        let mut args = quorum_args();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay.as_millis() as i64),
+        );
+        args.insert("x-dead-letter-exchange".into(), s(&names.events_exchange));
+        args.insert("x-dead-letter-strategy".into(), s("at-least-once"));
+        args.insert("x-overflow".into(), s("reject-publish"));
+        let queue: ShortString = queue.as_str().into();
+        channel.queue_declare(queue, durable, args).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_tiers() {
+        let n = Names::new("t1");
+        assert_eq!(n.events_queue, "t1.events");
+        let tiers: Vec<_> = n.retry_tiers().map(|(q, _)| q).collect();
+        assert_eq!(
+            tiers,
+            ["t1.retry.5s", "t1.retry.30s", "t1.retry.5m", "t1.retry.30m"]
+        );
+        assert_eq!(n.retry_queue_for(1).as_deref(), Some("t1.retry.5s"));
+        assert_eq!(n.retry_queue_for(4).as_deref(), Some("t1.retry.30m"));
+        assert_eq!(n.retry_queue_for(5), None);
+        let fast = Names::with_retry_delays("t", vec![Duration::from_millis(200)]);
+        assert_eq!(fast.retry_queue_for(1).as_deref(), Some("t.retry.200ms"));
+    }
+}
