@@ -1,0 +1,281 @@
+//! Test harness: each test gets its own broker prefix and database, spawns the app in-process
+//! (or the real binary when it must be killed), and can cut the network to a dependency for real
+//! through a TCP proxy it owns.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use catena_ingest::broker;
+use catena_ingest::relay::{self, RelayConfig, RunningRelay};
+use catena_ingest::secrets::SecretStore;
+use catena_ingest::shutdown::Shutdown;
+use catena_ingest::topology::Names;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions, ExchangeDeleteOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const WEBHOOK_ID: &str = "247b2dea-a030-48b7-9a05-ee33c1b6ab0a";
+pub const SECRET: &str = "test-secret-0123456789";
+
+pub fn init_tracing() {
+    catena_ingest::telemetry::init(catena_ingest::telemetry::LogFormat::Text);
+}
+
+/// A name unique to this test run: `t_<test>_<random>`.
+pub fn unique(test: &str) -> String {
+    format!("t_{test}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+pub struct TestRelay {
+    pub running: RunningRelay,
+    pub shutdown: Shutdown,
+    pub url: String,
+    pub names: Names,
+}
+
+impl TestRelay {
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        let _ = self.running.handle.await;
+    }
+}
+
+pub async fn spawn_relay(names: Names, amqp_url: &str, secrets: &str) -> TestRelay {
+    init_tracing();
+    let config = RelayConfig::new(
+        "127.0.0.1:0",
+        amqp_url,
+        names.clone(),
+        SecretStore::parse(secrets).unwrap(),
+    );
+    spawn_relay_with(config).await
+}
+
+pub async fn spawn_relay_with(config: RelayConfig) -> TestRelay {
+    init_tracing();
+    let names = config.names.clone();
+    let shutdown = Shutdown::new();
+    let running = relay::start(config, shutdown.clone()).await.expect("relay binds");
+    assert!(
+        running.publisher.wait_ready(Duration::from_secs(10)).await,
+        "relay never connected to the broker"
+    );
+    let url = format!("http://{}{}", running.addr, relay::WEBHOOK_PATH);
+    TestRelay {
+        running,
+        shutdown,
+        url,
+        names,
+    }
+}
+
+/// A message taken off a queue.
+pub struct Taken {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+fn header_string(value: &lapin::types::AMQPValue) -> String {
+    use lapin::types::AMQPValue;
+    match value {
+        AMQPValue::LongString(s) => s.to_string(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Take every message currently in `queue`, waiting up to `settle` for stragglers.
+pub async fn drain(queue: &str, settle: Duration) -> Vec<Taken> {
+    let connection = broker::connect(AMQP_URL, "test drain").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + settle;
+    loop {
+        match channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            Some(message) => {
+                let delivery = message.delivery;
+                let headers = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .map(|t| {
+                        t.inner()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), header_string(v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Taken {
+                    body: delivery.data.clone(),
+                    routing_key: delivery.routing_key.to_string(),
+                    headers,
+                });
+                delivery.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            None if tokio::time::Instant::now() >= deadline => break,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    out
+}
+
+/// Count of messages ready in a queue (declared passively).
+pub async fn queue_len(queue: &str) -> u32 {
+    let connection = broker::connect(AMQP_URL, "test count").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    q.message_count()
+}
+
+/// Delete every queue and the exchange of a test prefix.
+pub async fn delete_topology(names: &Names) {
+    let Ok(connection) = broker::connect(AMQP_URL, "test cleanup").await else {
+        return;
+    };
+    let channel = connection.create_channel().await.unwrap();
+    let mut queues = vec![names.events_queue.clone(), names.parked_queue.clone()];
+    queues.extend(names.retry_tiers().map(|(q, _)| q));
+    for q in queues {
+        let _ = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            names.events_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// A TCP proxy the test owns: `cut()` drops every live connection and refuses new ones until
+/// `restore()`, which is what a network partition or a dead broker looks like to a client.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    epoch: watch::Sender<u64>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let (epoch, _) = watch::channel(0u64);
+        let target = target.to_owned();
+        let (up2, epoch2) = (up.clone(), epoch.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    break;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut = epoch2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, epoch }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+}
+
+/// A signed, Catena-shaped POST.
+pub struct Post<'a> {
+    pub body: Vec<u8>,
+    pub secret: &'a str,
+    pub webhook_id: &'a str,
+    pub timestamp: String,
+    pub gzip: bool,
+}
+
+impl<'a> Post<'a> {
+    pub fn new(body: &[u8]) -> Self {
+        Self {
+            body: body.to_vec(),
+            secret: SECRET,
+            webhook_id: WEBHOOK_ID,
+            timestamp: chrono::Utc::now().to_rfc3339(),
+            gzip: true,
+        }
+    }
+
+    pub fn request(&self, client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+        let signature = catena_ingest::signature::sign(self.secret.as_bytes(), &self.timestamp, &self.body);
+        let builder = client
+            .post(url)
+            .header("Content-Type", "application/json")
+            .header("X-Catena-Signature", signature)
+            .header("X-Catena-Timestamp", &self.timestamp)
+            .header("X-Webhook-ID", self.webhook_id)
+            .header("X-Event-Type", "connection.staled")
+            .header("X-Request-ID", uuid::Uuid::new_v4().to_string())
+            .header("X-Schema-Version", "1.0")
+            .header("X-Source", "catena-notifications")
+            .header("X-Delivery-Attempt", "1");
+        if self.gzip {
+            builder
+                .header("Content-Encoding", "gzip")
+                .body(catena_ingest::gunzip::gzip(&self.body))
+        } else {
+            builder.body(self.body.clone())
+        }
+    }
+
+    pub async fn send(&self, client: &reqwest::Client, url: &str) -> u16 {
+        self.request(client, url).send().await.unwrap().status().as_u16()
+    }
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}

@@ -1,0 +1,215 @@
+//! The relay through its real HTTP server against the real broker.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use catena_ingest::topology::Names;
+use common::*;
+
+fn secrets() -> String {
+    format!("{WEBHOOK_ID}={SECRET},{WEBHOOK_ID}=old-secret-still-valid")
+}
+
+#[tokio::test]
+async fn accepted_webhooks_land_once_with_body_and_headers() {
+    let names = Names::new(&unique("relay_ok"));
+    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
+    let client = reqwest::Client::new();
+    let body = fixture("events/09-connection.staled.json");
+
+    let gz = Post::new(&body);
+    assert_eq!(gz.send(&client, &relay.url).await, 202);
+    let mut plain = Post::new(&body);
+    plain.gzip = false;
+    assert_eq!(plain.send(&client, &relay.url).await, 202);
+    // Rotation: the previous secret of the same webhook id still verifies.
+    let mut rotated = Post::new(&body);
+    rotated.secret = "old-secret-still-valid";
+    assert_eq!(rotated.send(&client, &relay.url).await, 202);
+
+    let taken = drain(&names.events_queue, Duration::from_millis(500)).await;
+    assert_eq!(taken.len(), 3, "each accepted webhook is queued exactly once");
+    for message in &taken {
+        assert_eq!(message.body, body, "the uncompressed body is queued");
+        assert_eq!(message.routing_key, "connection.staled");
+        assert_eq!(message.headers["x-webhook-id"], WEBHOOK_ID);
+        assert_eq!(message.headers["x-delivery-attempt"], "1");
+        assert_eq!(message.headers["x-schema-version"], "1.0");
+        assert!(message.headers.contains_key("x-request-id"));
+        assert!(message.headers.contains_key("x-catena-timestamp"));
+        assert!(message.headers.contains_key("received_at"));
+    }
+    relay.stop().await;
+    delete_topology(&names).await;
+}
+
+#[tokio::test]
+async fn every_bad_request_is_refused_and_nothing_is_queued() {
+    let names = Names::new(&unique("relay_bad"));
+    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
+    let client = reqwest::Client::new();
+    let body = fixture("events/01-invitation.created.json");
+    let now = chrono::Utc::now();
+
+    let mut cases: Vec<(&str, u16, reqwest::RequestBuilder)> = Vec::new();
+    let ts = now.to_rfc3339();
+    let sig = catena_ingest::signature::sign(SECRET.as_bytes(), &ts, &body);
+    let base = || {
+        client
+            .post(&relay.url)
+            .header("X-Webhook-ID", WEBHOOK_ID)
+            .body(body.clone())
+    };
+    let mut tampered_body = body.clone();
+    tampered_body.push(b' ');
+    cases.push((
+        "tampered body",
+        401,
+        base()
+            .header("X-Catena-Timestamp", &ts)
+            .header("X-Catena-Signature", &sig)
+            .body(tampered_body),
+    ));
+    let mut wrong = Post::new(&body);
+    wrong.secret = "not-the-secret";
+    cases.push(("wrong secret", 401, wrong.request(&client, &relay.url)));
+    let mut unknown = Post::new(&body);
+    unknown.webhook_id = "00000000-0000-0000-0000-000000000000";
+    cases.push(("unknown webhook id", 401, unknown.request(&client, &relay.url)));
+    let mut old = Post::new(&body);
+    old.timestamp = (now - chrono::Duration::seconds(301)).to_rfc3339();
+    cases.push(("old timestamp", 401, old.request(&client, &relay.url)));
+    let mut future = Post::new(&body);
+    future.timestamp = (now + chrono::Duration::seconds(90)).to_rfc3339();
+    cases.push(("future timestamp", 401, future.request(&client, &relay.url)));
+
+    // Missing headers and a non-base64 signature.
+    cases.push((
+        "missing signature",
+        401,
+        base().header("X-Catena-Timestamp", &ts),
+    ));
+    cases.push((
+        "missing timestamp",
+        401,
+        base().header("X-Catena-Signature", &sig),
+    ));
+    cases.push((
+        "non-base64 signature",
+        401,
+        base()
+            .header("X-Catena-Timestamp", &ts)
+            .header("X-Catena-Signature", "%%%not-base64%%%"),
+    ));
+    cases.push((
+        "corrupt gzip",
+        400,
+        client
+            .post(&relay.url)
+            .header("Content-Encoding", "gzip")
+            .header("X-Catena-Timestamp", &ts)
+            .header("X-Catena-Signature", &sig)
+            .header("X-Webhook-ID", WEBHOOK_ID)
+            .body(b"\x1f\x8b\x08\x00garbage-that-is-not-deflate".to_vec()),
+    ));
+    // 64 MiB of zeros gzips to ~64 KiB: under the 1 MiB body cap, far over the 10 MiB expansion cap.
+    let bomb = catena_ingest::gunzip::gzip(&vec![b'0'; 64 * 1024 * 1024]);
+    assert!(bomb.len() < 1024 * 1024);
+    cases.push((
+        "gzip bomb",
+        413,
+        client
+            .post(&relay.url)
+            .header("Content-Encoding", "gzip")
+            .header("X-Catena-Timestamp", &ts)
+            .header("X-Catena-Signature", &sig)
+            .header("X-Webhook-ID", WEBHOOK_ID)
+            .body(bomb),
+    ));
+    cases.push((
+        "oversized body",
+        413,
+        base()
+            .header("X-Catena-Timestamp", &ts)
+            .header("X-Catena-Signature", &sig)
+            .body(vec![b'x'; 2 * 1024 * 1024]),
+    ));
+    cases.push(("GET", 405, client.get(&relay.url)));
+    cases.push((
+        "wrong path",
+        404,
+        client.post(relay.url.replace("/webhooks/catena", "/webhooks/other")),
+    ));
+
+    for (what, want, request) in cases {
+        let status = request.send().await.unwrap().status().as_u16();
+        assert_eq!(status, want, "{what}");
+    }
+
+    // Then one good one: the queue must hold exactly that one.
+    assert_eq!(Post::new(&body).send(&client, &relay.url).await, 202);
+    let taken = drain(&names.events_queue, Duration::from_millis(500)).await;
+    assert_eq!(taken.len(), 1, "refused requests must not be queued");
+
+    let metrics = client
+        .get(relay.url.replace("/webhooks/catena", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "catena_relay_requests_total{outcome=\"accepted\"} 1",
+        "catena_relay_requests_total{outcome=\"invalid_signature\"} 5",
+        "catena_relay_requests_total{outcome=\"stale_timestamp\"} 3",
+        "catena_relay_requests_total{outcome=\"too_large\"} 2",
+        "catena_relay_requests_total{outcome=\"bad_request\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+    }
+    relay.stop().await;
+    delete_topology(&names).await;
+}
+
+#[tokio::test]
+async fn broker_cut_means_503_then_recovery_without_restart() {
+    let names = Names::new(&unique("relay_cut"));
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let relay = spawn_relay(names.clone(), &proxy.amqp_url(), &secrets()).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let body = fixture("events/05-connection.created.json");
+    let ready = relay.url.replace("/webhooks/catena", "/readyz");
+
+    assert_eq!(Post::new(&body).send(&client, &relay.url).await, 202);
+    proxy.cut();
+    let started = Instant::now();
+    let status = Post::new(&body).send(&client, &relay.url).await;
+    assert_eq!(status, 503, "broker gone must be a 503 so Catena retries");
+    assert!(started.elapsed() < Duration::from_secs(3), "answered within Catena's 3 s");
+    // Readiness follows the broker.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(client.get(&ready).send().await.unwrap().status().as_u16(), 503);
+
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut recovered = false;
+    while Instant::now() < deadline {
+        if Post::new(&body).send(&client, &relay.url).await == 202 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "relay must publish again once the broker is back, without a restart");
+    assert_eq!(client.get(&ready).send().await.unwrap().status().as_u16(), 200);
+
+    let taken = drain(&names.events_queue, Duration::from_millis(500)).await;
+    assert_eq!(taken.len(), 2, "the two 202s are queued, the 503s are not");
+    relay.stop().await;
+    delete_topology(&names).await;
+}
