@@ -98,7 +98,8 @@ CRD_KINDS="ScaledObject TriggerAuthentication ServiceMonitor PodMonitor Promethe
 # CRD_KINDS: only sanity-checked here, kubernetes-validate has no schema for them).
 k8s_validate() {
   mkdir -p "$TMP/k8s"
-  CRD_KINDS="$CRD_KINDS" python3 - "$TMP/k8s" deploy/k8s/*.yaml <<'PY'
+  # (Inside `check`, `set -e` does not apply to this function: every step returns explicitly.)
+  CRD_KINDS="$CRD_KINDS" python3 - "$TMP/k8s" deploy/k8s/*.yaml <<'PY' || return 1
 import os, sys, yaml
 out, files = sys.argv[1], sys.argv[2:]
 crd = set(os.environ["CRD_KINDS"].split())
@@ -128,14 +129,14 @@ PY
 }
 
 prometheusrule_fresh() {
-  python3 scripts/gen-prometheusrule.py -o "$TMP/prometheusrule.yaml"
+  python3 scripts/gen-prometheusrule.py -o "$TMP/prometheusrule.yaml" || return 1
   diff -u deploy/k8s/prometheusrule.yaml "$TMP/prometheusrule.yaml"
 }
 
 # The dashboard's queries must parse (promtool, via a throwaway recording-rule file), and the
 # dashboard and the alert rules may only use catena_* metrics the binary exports.
 metrics_contract() {
-  python3 - "$TMP/dashboard-rules.yml" <<'PY'
+  python3 - "$TMP/dashboard-rules.yml" <<'PY' || return 1
 import json, re, sys, yaml
 HISTOGRAMS = {
     "catena_relay_request_duration_seconds", "catena_relay_publish_confirm_seconds",

@@ -5,6 +5,9 @@
 
 pub mod broker;
 pub mod config;
+pub mod db;
+pub mod dev;
+pub mod envelope;
 pub mod gunzip;
 pub mod metrics;
 pub mod relay;
@@ -13,5 +16,7 @@ pub mod secrets;
 pub mod send;
 pub mod shutdown;
 pub mod signature;
+pub mod state;
 pub mod telemetry;
 pub mod topology;
+pub mod worker;

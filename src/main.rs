@@ -7,12 +7,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use catena_ingest::config::{BrokerArgs, RelayArgs, SecretArgs, parse_duration};
+use catena_ingest::config::{
+    BrokerArgs, DatabaseArgs, RelayArgs, SecretArgs, WorkerArgs, parse_duration,
+};
 use catena_ingest::relay::{self, RelayConfig};
 use catena_ingest::scenario::{self, ScenarioOptions};
 use catena_ingest::send::{self, Outgoing, SendOptions};
 use catena_ingest::shutdown::Shutdown;
 use catena_ingest::telemetry::{self, LogFormat};
+use catena_ingest::worker::{self, WorkerConfig};
 use catena_ingest::{broker, topology};
 
 /// Webhook ingestion for Catena fleet events: edge relay -> RabbitMQ -> workers -> PostgreSQL.
@@ -48,6 +51,33 @@ enum Command {
     Topology {
         #[command(flatten)]
         broker: BrokerArgs,
+    },
+    /// Consume, deduplicate, apply to fleet state in PostgreSQL, raise/resolve alerts, retry, park.
+    Worker {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Create the database if missing and apply the embedded SQL migrations.
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Everything in one process on local defaults: migrate, topology, relay and workers.
+    Dev {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        #[command(flatten)]
+        relay: RelayArgs,
+        #[command(flatten)]
+        worker: WorkerArgs,
     },
     /// Sign and POST Catena-shaped webhooks: one event from a file, or a generated scenario.
     Send(SendArgs),
@@ -139,7 +169,68 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Send(args) => run_send(args).await,
+        Command::Migrate { database } => {
+            let applied = catena_ingest::db::migrate(&database.database_url).await?;
+            println!("migrations applied: {applied:?} (none means up to date)");
+            Ok(())
+        }
+        Command::Worker {
+            broker,
+            database,
+            worker,
+        } => {
+            let shutdown = Shutdown::new();
+            shutdown.trigger_on_signals();
+            let running =
+                worker::start(worker_config(&broker, &database, &worker), shutdown).await?;
+            running.handle.await?;
+            Ok(())
+        }
+        Command::Dev {
+            broker,
+            database,
+            secrets,
+            relay,
+            worker,
+        } => {
+            let (store, generated) = catena_ingest::dev::dev_secrets(
+                secrets.load().context("loading webhook secrets")?,
+            )?;
+            if let Some(secret) = generated {
+                println!(
+                    "no CATENA_WEBHOOK_SECRETS set: generated a dev secret for every webhook id\n  \
+                     CATENA_WEBHOOK_SECRETS='*={secret}'   (also written to {})",
+                    catena_ingest::dev::DEV_SECRET_FILE
+                );
+            }
+            let relay_config = relay_config_with(&broker, store, &relay);
+            let shutdown = Shutdown::new();
+            shutdown.trigger_on_signals();
+            catena_ingest::dev::run(
+                relay_config,
+                worker_config(&broker, &database, &worker),
+                shutdown,
+            )
+            .await
+        }
     }
+}
+
+fn worker_config(
+    broker: &BrokerArgs,
+    database: &DatabaseArgs,
+    worker: &WorkerArgs,
+) -> WorkerConfig {
+    let mut config = WorkerConfig::new(&broker.amqp_url, broker.names(), &database.database_url);
+    config.db_pool_size = database.db_pool_size;
+    config.metrics_listen = worker.metrics_listen.clone();
+    config.consumers = worker.consumers;
+    config.prefetch = worker.prefetch;
+    config.batch_size = worker.batch_size.max(1);
+    config.batch_wait = worker.batch_wait;
+    config.drain_timeout = worker.drain_timeout;
+    config.migrate = !worker.no_migrate;
+    config
 }
 
 pub fn relay_config(
@@ -151,6 +242,14 @@ pub fn relay_config(
     if store.is_empty() {
         bail!("no webhook secrets: set CATENA_WEBHOOK_SECRETS or CATENA_WEBHOOK_SECRETS_FILE");
     }
+    Ok(relay_config_with(broker, store, relay))
+}
+
+fn relay_config_with(
+    broker: &BrokerArgs,
+    store: catena_ingest::secrets::SecretStore,
+    relay: &RelayArgs,
+) -> RelayConfig {
     let mut config = RelayConfig::new(&relay.relay_listen, &broker.amqp_url, broker.names(), store);
     config.max_body_bytes = relay.max_body_bytes;
     config.max_decompressed_bytes = relay.max_decompressed_bytes;
@@ -158,7 +257,7 @@ pub fn relay_config(
     config.publish_channels = relay.publish_channels;
     config.max_concurrency = relay.max_concurrency;
     config.body_timeout = relay.body_timeout;
-    Ok(config)
+    config
 }
 
 async fn run_relay(

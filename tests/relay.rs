@@ -29,7 +29,11 @@ async fn accepted_webhooks_land_once_with_body_and_headers() {
     assert_eq!(rotated.send(&client, &relay.url).await, 202);
 
     let taken = drain(&names.events_queue, Duration::from_millis(500)).await;
-    assert_eq!(taken.len(), 3, "each accepted webhook is queued exactly once");
+    assert_eq!(
+        taken.len(),
+        3,
+        "each accepted webhook is queued exactly once"
+    );
     for message in &taken {
         assert_eq!(message.body, body, "the uncompressed body is queued");
         assert_eq!(message.routing_key, "connection.staled");
@@ -76,7 +80,11 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
     cases.push(("wrong secret", 401, wrong.request(&client, &relay.url)));
     let mut unknown = Post::new(&body);
     unknown.webhook_id = "00000000-0000-0000-0000-000000000000";
-    cases.push(("unknown webhook id", 401, unknown.request(&client, &relay.url)));
+    cases.push((
+        "unknown webhook id",
+        401,
+        unknown.request(&client, &relay.url),
+    ));
     let mut old = Post::new(&body);
     old.timestamp = (now - chrono::Duration::seconds(301)).to_rfc3339();
     cases.push(("old timestamp", 401, old.request(&client, &relay.url)));
@@ -190,10 +198,16 @@ async fn broker_cut_means_503_then_recovery_without_restart() {
     let started = Instant::now();
     let status = Post::new(&body).send(&client, &relay.url).await;
     assert_eq!(status, 503, "broker gone must be a 503 so Catena retries");
-    assert!(started.elapsed() < Duration::from_secs(3), "answered within Catena's 3 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered within Catena's 3 s"
+    );
     // Readiness follows the broker.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(client.get(&ready).send().await.unwrap().status().as_u16(), 503);
+    assert_eq!(
+        client.get(&ready).send().await.unwrap().status().as_u16(),
+        503
+    );
 
     proxy.restore();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -205,8 +219,14 @@ async fn broker_cut_means_503_then_recovery_without_restart() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(recovered, "relay must publish again once the broker is back, without a restart");
-    assert_eq!(client.get(&ready).send().await.unwrap().status().as_u16(), 200);
+    assert!(
+        recovered,
+        "relay must publish again once the broker is back, without a restart"
+    );
+    assert_eq!(
+        client.get(&ready).send().await.unwrap().status().as_u16(),
+        200
+    );
 
     let taken = drain(&names.events_queue, Duration::from_millis(500)).await;
     assert_eq!(taken.len(), 2, "the two 202s are queued, the 503s are not");

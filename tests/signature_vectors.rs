@@ -5,9 +5,14 @@ use catena_ingest::signature::{self, SignedHeaders, Window};
 
 #[test]
 fn known_answer_vectors_sign_and_verify() {
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/signature-vectors.json")).unwrap())
-            .unwrap();
+    let file: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/signature-vectors.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
     let vectors = file["vectors"].as_array().unwrap();
     assert!(vectors.len() >= 4);
     for v in vectors {
@@ -17,7 +22,11 @@ fn known_answer_vectors_sign_and_verify() {
             v["body"].as_str().unwrap(),
             v["signature"].as_str().unwrap(),
         );
-        assert_eq!(signature::sign(secret.as_bytes(), ts, body.as_bytes()), want, "vector {ts}");
+        assert_eq!(
+            signature::sign(secret.as_bytes(), ts, body.as_bytes()),
+            want,
+            "vector {ts}"
+        );
         // Verify at the vector's own time, through the same path the relay uses.
         let now = chrono::DateTime::parse_from_rfc3339(ts).unwrap().to_utc();
         let store = SecretStore::parse(&format!("wh={secret}")).unwrap();
@@ -26,7 +35,9 @@ fn known_answer_vectors_sign_and_verify() {
             signature: Some(want),
             webhook_id: Some("wh"),
         };
-        assert!(signature::verify(&store, headers, body.as_bytes(), now, Window::default()).is_ok());
+        assert!(
+            signature::verify(&store, headers, body.as_bytes(), now, Window::default()).is_ok()
+        );
         let mut tampered = body.as_bytes().to_vec();
         tampered.push(b' ');
         assert!(signature::verify(&store, headers, &tampered, now, Window::default()).is_err());

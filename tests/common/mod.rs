@@ -14,7 +14,7 @@ use catena_ingest::relay::{self, RelayConfig, RunningRelay};
 use catena_ingest::secrets::SecretStore;
 use catena_ingest::shutdown::Shutdown;
 use catena_ingest::topology::Names;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions, ExchangeDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -29,7 +29,10 @@ pub fn init_tracing() {
 
 /// A name unique to this test run: `t_<test>_<random>`.
 pub fn unique(test: &str) -> String {
-    format!("t_{test}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "t_{test}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 pub struct TestRelay {
@@ -61,7 +64,9 @@ pub async fn spawn_relay_with(config: RelayConfig) -> TestRelay {
     init_tracing();
     let names = config.names.clone();
     let shutdown = Shutdown::new();
-    let running = relay::start(config, shutdown.clone()).await.expect("relay binds");
+    let running = relay::start(config, shutdown.clone())
+        .await
+        .expect("relay binds");
     assert!(
         running.publisher.wait_ready(Duration::from_secs(10)).await,
         "relay never connected to the broker"
@@ -250,7 +255,8 @@ impl<'a> Post<'a> {
     }
 
     pub fn request(&self, client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
-        let signature = catena_ingest::signature::sign(self.secret.as_bytes(), &self.timestamp, &self.body);
+        let signature =
+            catena_ingest::signature::sign(self.secret.as_bytes(), &self.timestamp, &self.body);
         let builder = client
             .post(url)
             .header("Content-Type", "application/json")
@@ -272,10 +278,19 @@ impl<'a> Post<'a> {
     }
 
     pub async fn send(&self, client: &reqwest::Client, url: &str) -> u16 {
-        self.request(client, url).send().await.unwrap().status().as_u16()
+        self.request(client, url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
     }
 }
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }

@@ -1,0 +1,176 @@
+//! PostgreSQL: the connection pool, error classification and embedded migrations.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Config, NoTls};
+
+/// Versioned migrations, applied in order, each once, each in its own transaction.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "read_model",
+    include_str!("../migrations/0001_read_model.sql"),
+)];
+
+/// Serialises concurrent `migrate` runs (any 64-bit constant unique to this app).
+const MIGRATION_LOCK: i64 = 0x6361_7465_6e61_0001;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid DATABASE_URL: {0}")]
+    Config(String),
+    #[error("database: {}", redacted(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+/// A PostgreSQL error without DETAIL/HINT, which can quote row values (magic links, tokens).
+fn redacted(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
+/// How a failure should be handled by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The database cannot be reached: hold the work and retry with backoff; no message is at fault.
+    Unavailable,
+    /// Worth retrying later (serialization failure, deadlock, lock timeout, resource limits).
+    Transient,
+    /// This input can never apply (data exceptions, constraint violations).
+    Permanent,
+}
+
+impl DbError {
+    pub fn classify(&self) -> Failure {
+        match self {
+            DbError::Config(_) => Failure::Permanent,
+            DbError::Pool(_) => Failure::Unavailable,
+            DbError::Postgres(e) => classify_pg(e),
+        }
+    }
+}
+
+fn classify_pg(error: &tokio_postgres::Error) -> Failure {
+    let Some(code) = error.code() else {
+        // No SQLSTATE: I/O, closed connection, protocol trouble.
+        return Failure::Unavailable;
+    };
+    let class = &code.code()[..2];
+    match class {
+        "08" | "57" => Failure::Unavailable, // connection exception, operator intervention
+        "40" | "53" | "55" | "58" => Failure::Transient, // txn rollback, resources, lock, system
+        "22" | "23" => Failure::Permanent,   // data exception, integrity constraint
+        _ if *code == SqlState::T_R_SERIALIZATION_FAILURE => Failure::Transient,
+        _ => Failure::Transient, // unknown: retry tiers, then the parking lot
+    }
+}
+
+/// A pool whose connections are checked before reuse, so a restarted server is noticed.
+pub fn pool(database_url: &str, size: usize) -> Result<Pool, DbError> {
+    let mut config = Config::from_str(database_url).map_err(|e| DbError::Config(e.to_string()))?;
+    config.application_name("catena-ingest");
+    config.connect_timeout(Duration::from_secs(5));
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|e| DbError::Config(e.to_string()))
+}
+
+/// Create the database named in `database_url` if it does not exist.
+pub async fn create_database_if_missing(database_url: &str) -> Result<(), DbError> {
+    let config = Config::from_str(database_url).map_err(|e| DbError::Config(e.to_string()))?;
+    let name = config
+        .get_dbname()
+        .ok_or_else(|| DbError::Config("DATABASE_URL names no database".into()))?
+        .to_owned();
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match client.batch_execute(&sql).await {
+            Ok(()) => tracing::info!(database = %name, "database created"),
+            // Another process created it between our check and our CREATE.
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}
+
+/// Create the database if needed and apply pending migrations. Re-running is a no-op; concurrent
+/// runs serialise on an advisory lock.
+pub async fn migrate(database_url: &str) -> Result<Vec<i32>, DbError> {
+    create_database_if_missing(database_url).await?;
+    let config = Config::from_str(database_url).map_err(|e| DbError::Config(e.to_string()))?;
+    let (mut client, connection) = config.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let applied = apply_pending(&mut client).await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    drop(client);
+    let _ = driver.await;
+    applied
+}
+
+async fn apply_pending(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, DbError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let done: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "migration applied");
+        applied.push(*version);
+    }
+    Ok(applied)
+}

@@ -1,0 +1,359 @@
+//! One batch: decode, apply in one transaction, and decide each message's fate.
+//!
+//! The happy path is one transaction for the whole batch. When it fails, the failure is
+//! classified: database unreachable -> hold the batch and retry with backoff (no message is at
+//! fault, none is retried or parked); transient -> retry the batch, then isolate; permanent or a
+//! panic -> apply one message per transaction so only the culprit is retried or parked.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backoff::backoff::Backoff;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use futures::FutureExt;
+use lapin::message::Delivery;
+
+use crate::broker::{self, Publisher};
+use crate::db::{DbError, Failure};
+use crate::envelope::{self, DecodeError, Event};
+use crate::metrics::WorkerMetrics;
+use crate::relay::RECEIVED_AT_HEADER;
+use crate::shutdown::Shutdown;
+use crate::state::{self, Applied, BatchResult, Incoming};
+use crate::topology::Names;
+use crate::worker::reroute::{self, ParkReason, Rerouted};
+
+/// Event names used as metric labels; anything else is `other`, so label cardinality is bounded.
+const KNOWN_EVENTS: [&str; 18] = [
+    "invitation.created",
+    "invitation.sent",
+    "invitation.viewed",
+    "invitation.accepted",
+    "invitation.declined",
+    "invitation.rejected",
+    "invitation.expired",
+    "invitation.deleted",
+    "share_agreement.created",
+    "share_agreement.updated",
+    "share_agreement.deleted",
+    "connection.created",
+    "connection.staled",
+    "fleet_connection.created",
+    "execution.failed",
+    "schedule.deactivated",
+    "webhook.staled",
+    "webhook.paused",
+];
+
+pub fn event_label(name: &str) -> &'static str {
+    KNOWN_EVENTS
+        .iter()
+        .find(|k| **k == name)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// What to do with a delivery once the batch is through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done (applied, duplicate, ignored, or safely rerouted): ack.
+    Ack,
+    /// Could not be handled or rerouted now (shutdown, broker trouble): give it back.
+    Requeue,
+}
+
+/// Shared by every consumer of a worker process.
+pub struct Context {
+    pub pool: Pool,
+    pub publisher: Publisher,
+    pub names: Names,
+    pub metrics: WorkerMetrics,
+    pub shutdown: Shutdown,
+    /// False while the database is unreachable (drives /readyz).
+    pub db_ok: std::sync::atomic::AtomicBool,
+}
+
+struct Message<'a> {
+    delivery: &'a Delivery,
+    received_at: Option<DateTime<Utc>>,
+    decoded: Result<Event, DecodeError>,
+}
+
+fn received_at(delivery: &Delivery) -> Option<DateTime<Utc>> {
+    reroute::header_str(delivery, RECEIVED_AT_HEADER)
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Handle a batch of deliveries; returns one disposition per delivery, in order.
+pub async fn process(ctx: &Arc<Context>, deliveries: &[Delivery]) -> Vec<Disposition> {
+    let started = Instant::now();
+    let now = Utc::now();
+    let messages: Vec<Message<'_>> = deliveries
+        .iter()
+        .map(|delivery| {
+            let received_at = received_at(delivery);
+            Message {
+                delivery,
+                received_at,
+                decoded: envelope::decode(&delivery.data, received_at.unwrap_or(now)),
+            }
+        })
+        .collect();
+
+    let mut dispositions = vec![Disposition::Ack; messages.len()];
+    let mut valid = Vec::with_capacity(messages.len());
+    for (i, message) in messages.iter().enumerate() {
+        match &message.decoded {
+            Ok(_) => valid.push(i),
+            Err(error) => {
+                let reason = match error {
+                    DecodeError::UnsupportedVersion(_) => ParkReason::UnsupportedVersion,
+                    DecodeError::InvalidRecord { .. } => ParkReason::InvalidRecord,
+                    _ => ParkReason::Malformed,
+                };
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    %error,
+                    routing_key = %message.delivery.routing_key,
+                    "parking a message that can never apply"
+                );
+                dispositions[i] = park(ctx, message, reason, &error.to_string()).await;
+            }
+        }
+    }
+
+    if !valid.is_empty() {
+        apply_valid(ctx, &messages, &valid, &mut dispositions).await;
+    }
+    ctx.metrics
+        .batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics.batch_size.observe(deliveries.len() as f64);
+    dispositions
+}
+
+fn event_of<'a>(message: &'a Message<'_>) -> &'a Event {
+    message
+        .decoded
+        .as_ref()
+        .expect("only valid messages are applied")
+}
+
+fn label(message: &Message<'_>) -> &'static str {
+    match &message.decoded {
+        Ok(event) => event_label(&event.event_name),
+        Err(_) => event_label(message.delivery.routing_key.as_str()),
+    }
+}
+
+async fn park(
+    ctx: &Context,
+    message: &Message<'_>,
+    reason: ParkReason,
+    detail: &str,
+) -> Disposition {
+    match reroute::park(&ctx.publisher, &ctx.names, message.delivery, reason, detail).await {
+        Ok(()) => {
+            ctx.metrics
+                .events
+                .with_label_values(&[label(message), "parked"])
+                .inc();
+            Disposition::Ack
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not park a message; it goes back to the queue");
+            Disposition::Requeue
+        }
+    }
+}
+
+async fn retry(ctx: &Context, message: &Message<'_>, detail: &str) -> Disposition {
+    match reroute::retry_or_park(&ctx.publisher, &ctx.names, message.delivery, detail).await {
+        Ok(Rerouted::Retried(queue)) => {
+            tracing::info!(queue, detail, "message sent to a retry tier");
+            ctx.metrics
+                .events
+                .with_label_values(&[label(message), "retried"])
+                .inc();
+            Disposition::Ack
+        }
+        Ok(Rerouted::Parked(reason)) => {
+            tracing::warn!(
+                reason = reason.as_str(),
+                detail,
+                "retries exhausted, message parked"
+            );
+            ctx.metrics
+                .events
+                .with_label_values(&[label(message), "parked"])
+                .inc();
+            Disposition::Ack
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not reroute a message; it goes back to the queue");
+            Disposition::Requeue
+        }
+    }
+}
+
+enum Attempt {
+    Done(BatchResult),
+    Failed(DbError),
+    Panicked,
+}
+
+/// One transaction over `indexes`, with panics caught so a poison message cannot kill the loop.
+async fn attempt(ctx: &Context, messages: &[Message<'_>], indexes: &[usize]) -> Attempt {
+    let work = async {
+        let mut client = ctx.pool.get().await?;
+        let tx = client.transaction().await?;
+        let incoming: Vec<Incoming<'_>> = indexes
+            .iter()
+            .map(|&i| Incoming {
+                event: event_of(&messages[i]),
+                received_at: messages[i].received_at,
+            })
+            .collect();
+        let result = state::apply_batch(&tx, &incoming).await?;
+        tx.commit().await?;
+        Ok::<_, DbError>(result)
+    };
+    match AssertUnwindSafe(work).catch_unwind().await {
+        Ok(Ok(result)) => Attempt::Done(result),
+        Ok(Err(error)) => Attempt::Failed(error),
+        Err(_) => Attempt::Panicked,
+    }
+}
+
+fn record_success(
+    ctx: &Context,
+    messages: &[Message<'_>],
+    indexes: &[usize],
+    result: &BatchResult,
+) {
+    let now = Utc::now();
+    for (&i, applied) in indexes.iter().zip(&result.applied) {
+        let message = &messages[i];
+        ctx.metrics
+            .events
+            .with_label_values(&[label(message), applied.outcome()])
+            .inc();
+        if *applied == Applied::Applied
+            && let Some(received) = message.received_at
+        {
+            let lag = (now - received).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+            ctx.metrics.event_lag.observe(lag);
+        }
+    }
+    for kind in &result.alerts_opened {
+        ctx.metrics.alerts_raised.with_label_values(&[kind]).inc();
+    }
+}
+
+const TRANSIENT_BATCH_RETRIES: u32 = 2;
+
+async fn apply_valid(
+    ctx: &Arc<Context>,
+    messages: &[Message<'_>],
+    valid: &[usize],
+    dispositions: &mut [Disposition],
+) {
+    let mut unavailable = broker::reconnect_backoff();
+    let mut transient_failures = 0;
+    loop {
+        match attempt(ctx, messages, valid).await {
+            Attempt::Done(result) => {
+                ctx.db_ok.store(true, std::sync::atomic::Ordering::Relaxed);
+                record_success(ctx, messages, valid, &result);
+                return;
+            }
+            Attempt::Failed(error) => match error.classify() {
+                Failure::Unavailable => {
+                    ctx.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                    let wait = unavailable.next_backoff().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(%error, retry_in = ?wait, batch = valid.len(), "database unavailable, holding the batch");
+                    tokio::select! {
+                        _ = ctx.shutdown.wait() => {
+                            for &i in valid {
+                                dispositions[i] = Disposition::Requeue;
+                            }
+                            return;
+                        }
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Failure::Transient
+                    if transient_failures < TRANSIENT_BATCH_RETRIES && valid.len() > 1 =>
+                {
+                    transient_failures += 1;
+                    tracing::info!(%error, "transient database error, retrying the batch");
+                    tokio::time::sleep(Duration::from_millis(20 * transient_failures as u64)).await;
+                }
+                _ => {
+                    tracing::warn!(%error, batch = valid.len(), "batch failed, applying one by one");
+                    return one_by_one(ctx, messages, valid, dispositions).await;
+                }
+            },
+            Attempt::Panicked => {
+                tracing::error!(
+                    batch = valid.len(),
+                    "handler panicked, isolating the culprit"
+                );
+                return one_by_one(ctx, messages, valid, dispositions).await;
+            }
+        }
+    }
+}
+
+/// Each message in its own transaction, so one bad message fails alone.
+async fn one_by_one(
+    ctx: &Arc<Context>,
+    messages: &[Message<'_>],
+    valid: &[usize],
+    dispositions: &mut [Disposition],
+) {
+    for &i in valid {
+        let mut unavailable = broker::reconnect_backoff();
+        loop {
+            match attempt(ctx, messages, &[i]).await {
+                Attempt::Done(result) => {
+                    ctx.db_ok.store(true, std::sync::atomic::Ordering::Relaxed);
+                    record_success(ctx, messages, &[i], &result);
+                }
+                Attempt::Panicked => {
+                    dispositions[i] = park(
+                        ctx,
+                        &messages[i],
+                        ParkReason::HandlerPanic,
+                        "handler panicked",
+                    )
+                    .await;
+                }
+                Attempt::Failed(error) => match error.classify() {
+                    Failure::Unavailable => {
+                        ctx.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                        let wait = unavailable.next_backoff().unwrap_or(Duration::from_secs(5));
+                        tokio::select! {
+                            _ = ctx.shutdown.wait() => {
+                                dispositions[i] = Disposition::Requeue;
+                            }
+                            _ = tokio::time::sleep(wait) => continue,
+                        }
+                    }
+                    Failure::Transient => {
+                        dispositions[i] = retry(ctx, &messages[i], &error.to_string()).await;
+                    }
+                    Failure::Permanent => {
+                        tracing::warn!(%error, "database rejected a message, parking it");
+                        dispositions[i] =
+                            park(ctx, &messages[i], ParkReason::Rejected, &error.to_string()).await;
+                    }
+                },
+            }
+            break;
+        }
+    }
+}
