@@ -81,8 +81,6 @@ impl ScenarioOptions {
 pub fn generate(options: &ScenarioOptions) -> Vec<Event> {
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut out = Vec::with_capacity(options.fleets * 16);
-    // Connections another partner created, which later fleets reuse without connection.created.
-    let mut shared_connections: Vec<(Uuid, &'static str)> = Vec::new();
     for fleet in 0..options.fleets {
         let mut g = Generator {
             rng: &mut rng,
@@ -90,10 +88,7 @@ pub fn generate(options: &ScenarioOptions) -> Vec<Event> {
             webhook_id: &options.webhook_id,
             clock: options.start + Duration::milliseconds(fleet as i64 * 1_000),
         };
-        g.fleet(
-            &format!("{}-{fleet}", options.ref_prefix),
-            &mut shared_connections,
-        );
+        g.fleet(&format!("{}-{fleet}", options.ref_prefix));
     }
     out
 }
@@ -172,7 +167,7 @@ impl Generator<'_> {
         });
     }
 
-    fn fleet(&mut self, fleet_ref: &str, shared: &mut Vec<(Uuid, &'static str)>) {
+    fn fleet(&mut self, fleet_ref: &str) {
         let invitation_id = self.uuid4();
         let fleet_id = self.uuid4();
         let created = self.clock;
@@ -271,17 +266,11 @@ impl Generator<'_> {
 
         let tsp_count = self.rng.random_range(1..=3);
         for _ in 0..tsp_count {
-            let reuse = !shared.is_empty() && self.rng.random_bool(0.2);
-            let (connection_id, source_name) = if reuse {
-                shared[self.rng.random_range(0..shared.len())]
-            } else {
-                let c = (self.uuid4(), TSPS[self.rng.random_range(0..TSPS.len())]);
-                if self.rng.random_bool(0.3) {
-                    shared.push(c);
-                }
-                c
-            };
-            let tsp_id = self.uuid4();
+            // Connection reuse: the fleet already shares this TSP with another partner, so
+            // Catena skips connection.created and we first hear of it by reference.
+            let reuse = self.rng.random_bool(0.2);
+            let (connection_id, tsp_id) = (self.uuid4(), self.uuid4());
+            let source_name = TSPS[self.rng.random_range(0..TSPS.len())];
             let connection = |status: &str| {
                 json!({"id": connection_id, "source_name": source_name, "fleet_id": fleet_id,
                        "tsp_id": tsp_id, "status": status})

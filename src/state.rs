@@ -136,8 +136,10 @@ INSERT INTO connections AS c (connection_id, fleet_id, tsp_id, source_name, stat
 VALUES ($1, $2, $3, $4, $5::text, CASE WHEN $5::text = 'stale' THEN $6::timestamptz END, $6, $7)
 ON CONFLICT (connection_id) DO UPDATE SET
     fleet_id = COALESCE(c.fleet_id, EXCLUDED.fleet_id),
-    tsp_id = COALESCE(c.tsp_id, EXCLUDED.tsp_id),
-    source_name = COALESCE(c.source_name, EXCLUDED.source_name),
+    tsp_id = CASE WHEN (c.updated_at IS NULL OR (EXCLUDED.updated_at, EXCLUDED.version_key) > (c.updated_at, c.version_key)) AND EXCLUDED.tsp_id IS NOT NULL
+                  THEN EXCLUDED.tsp_id ELSE COALESCE(c.tsp_id, EXCLUDED.tsp_id) END,
+    source_name = CASE WHEN (c.updated_at IS NULL OR (EXCLUDED.updated_at, EXCLUDED.version_key) > (c.updated_at, c.version_key)) AND EXCLUDED.source_name IS NOT NULL
+                  THEN EXCLUDED.source_name ELSE COALESCE(c.source_name, EXCLUDED.source_name) END,
     status = CASE WHEN c.updated_at IS NULL OR (EXCLUDED.updated_at, EXCLUDED.version_key) > (c.updated_at, c.version_key)
                   THEN EXCLUDED.status ELSE c.status END,
     version_key = CASE WHEN c.updated_at IS NULL OR (EXCLUDED.updated_at, EXCLUDED.version_key) > (c.updated_at, c.version_key)

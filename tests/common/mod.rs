@@ -294,3 +294,186 @@ pub fn fixture(name: &str) -> Vec<u8> {
     ))
     .unwrap()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Database and worker helpers
+
+pub fn db_url(name: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:5432/{name}")
+}
+
+/// A fresh, migrated database of this test's own.
+pub async fn fresh_db(test: &str) -> String {
+    let url = db_url(&unique(test));
+    catena_ingest::db::migrate(&url).await.expect("migrate");
+    url
+}
+
+pub async fn drop_db(url: &str) {
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    if let Ok((client, conn)) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls).await {
+        tokio::spawn(conn);
+        let _ = client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+}
+
+pub async fn pg(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(conn);
+    client
+}
+
+pub async fn count(url: &str, sql: &str) -> i64 {
+    pg(url).await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Poll until `sql` (a count) reaches `want`, or `timeout`; returns the last value.
+pub async fn wait_for_count(url: &str, sql: &str, want: i64, timeout: Duration) -> i64 {
+    let client = pg(url).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
+        if n >= want || tokio::time::Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The state that must converge, as sorted text: every contract relation (alerts: the open set).
+pub async fn snapshot(url: &str) -> String {
+    let client = pg(url).await;
+    let queries = [
+        "SELECT invitation_id::text, coalesce(fleet_ref,''), coalesce(fleet_id::text,''), status, coalesce(decline_reason,''), coalesce(expires_at::text,'') FROM invitations",
+        "SELECT fleet_id::text, coalesce(fleet_ref,''), coalesce(invitation_id::text,''), coalesce(share_agreement_id::text,''), coalesce(share_status,''), onboarding_status FROM fleets",
+        "SELECT connection_id::text, coalesce(fleet_id::text,''), coalesce(tsp_id::text,''), coalesce(source_name,''), status, coalesce(staled_at::text,''), coalesce(updated_at::text,'') FROM connections",
+        "SELECT fleet_connection_id::text, fleet_id::text, connection_id::text, created_at::text FROM fleet_connections",
+        "SELECT schedule_id::text, coalesce(connection_id::text,''), coalesce(resource,''), status, coalesce(consecutive_error_threshold::text,''), failed_executions::text, coalesce(last_failed_at::text,''), coalesce(deactivated_at::text,'') FROM schedules",
+        "SELECT share_agreement_id::text, fleet_id::text, status FROM share_agreements",
+        "SELECT kind, subject_id::text, coalesce(fleet_id::text,''), coalesce(fleet_ref,''), opened_at::text FROM alerts WHERE state = 'open'",
+        "SELECT event_key, event_name, outcome FROM webhook_events",
+    ];
+    let mut out = String::new();
+    for sql in queries {
+        let mut rows: Vec<String> = client
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| {
+                (0..row.len())
+                    .map(|i| row.get::<_, String>(i))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect();
+        rows.sort();
+        out.push_str(&format!("## {sql}\n{}\n", rows.join("\n")));
+    }
+    out
+}
+
+/// Apply events once, in order, straight through the state layer: the reference state.
+pub async fn apply_in_order(url: &str, events: &[catena_ingest::scenario::Event]) {
+    use catena_ingest::state::{Incoming, apply_batch};
+    let pool = catena_ingest::db::pool(url, 1).unwrap();
+    let mut client = pool.get().await.unwrap();
+    let decoded: Vec<_> = events
+        .iter()
+        .map(|e| catena_ingest::envelope::decode(&e.body(1), chrono::Utc::now()).unwrap())
+        .collect();
+    for event in &decoded {
+        let tx = client.transaction().await.unwrap();
+        apply_batch(&tx, &[Incoming { event, received_at: None }])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+pub async fn spawn_worker(
+    names: Names,
+    database_url: &str,
+    amqp_url: &str,
+) -> (catena_ingest::worker::RunningWorker, Shutdown) {
+    init_tracing();
+    let config = catena_ingest::worker::WorkerConfig::new(amqp_url, names, database_url);
+    spawn_worker_with(config).await
+}
+
+pub async fn spawn_worker_with(
+    config: catena_ingest::worker::WorkerConfig,
+) -> (catena_ingest::worker::RunningWorker, Shutdown) {
+    init_tracing();
+    let shutdown = Shutdown::new();
+    let worker = catena_ingest::worker::start(config, shutdown.clone())
+        .await
+        .expect("worker starts");
+    (worker, shutdown)
+}
+
+/// The real binary as a child process (for SIGKILL/SIGTERM tests).
+pub fn worker_process(prefix: &str, database_url: &str, amqp_url: &str, extra: &[(&str, &str)]) -> std::process::Child {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_catena-ingest"));
+    command
+        .arg("worker")
+        .env("CATENA_NAME_PREFIX", prefix)
+        .env("DATABASE_URL", database_url)
+        .env("AMQP_URL", amqp_url)
+        .env("METRICS_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    command.spawn().expect("spawn the worker binary")
+}
+
+pub fn signal(child: &std::process::Child, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Send a generated scenario through the relay; returns the send report.
+pub async fn send_deliveries(
+    relay_url: &str,
+    events: &[catena_ingest::scenario::Event],
+    deliveries: &[catena_ingest::scenario::Delivery],
+    concurrency: usize,
+) -> catena_ingest::send::SendReport {
+    let mut options = catena_ingest::send::SendOptions::new(relay_url, SECRET);
+    options.concurrency = concurrency;
+    let outgoing = deliveries
+        .iter()
+        .map(|d| catena_ingest::send::Outgoing::from_delivery(events, d))
+        .collect();
+    catena_ingest::send::send_all(&options, outgoing).await
+}
+
+pub fn scenario(fleets: usize, seed: u64) -> Vec<catena_ingest::scenario::Event> {
+    let mut options = catena_ingest::scenario::ScenarioOptions::new(fleets, seed);
+    options.webhook_id = WEBHOOK_ID.into();
+    options.ref_prefix = format!("F{seed}");
+    catena_ingest::scenario::generate(&options)
+}
+
+/// Compare two snapshots and show only the differing lines.
+pub fn assert_same_state(expected: &str, actual: &str) {
+    if expected == actual {
+        return;
+    }
+    let e: std::collections::BTreeSet<&str> = expected.lines().collect();
+    let a: std::collections::BTreeSet<&str> = actual.lines().collect();
+    let missing: Vec<_> = e.difference(&a).take(20).collect();
+    let extra: Vec<_> = a.difference(&e).take(20).collect();
+    panic!("state differs\nonly in expected:\n{missing:#?}\nonly in actual:\n{extra:#?}");
+}
