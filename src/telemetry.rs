@@ -19,3 +19,11 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+/// For tests: like [`init`] but through the test harness's captured writer, so logs only show
+/// for failing tests.
+pub fn init_for_tests() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off,tokio_postgres=warn"));
+    let _ = fmt().with_env_filter(filter).with_test_writer().try_init();
+}

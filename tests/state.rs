@@ -17,7 +17,10 @@ async fn apply(url: &str, bodies: &[Vec<u8>]) -> Vec<Applied> {
         .collect();
     let incoming: Vec<_> = events
         .iter()
-        .map(|event| Incoming { event, received_at: None })
+        .map(|event| Incoming {
+            event,
+            received_at: None,
+        })
         .collect();
     let tx = client.transaction().await.unwrap();
     let result = apply_batch(&tx, &incoming).await.unwrap();
@@ -46,7 +49,10 @@ async fn row(url: &str, sql: &str) -> Vec<String> {
     let client = pg(url).await;
     let row = client.query_one(sql, &[]).await.unwrap();
     (0..row.len())
-        .map(|i| row.get::<_, Option<String>>(i).unwrap_or_else(|| "NULL".into()))
+        .map(|i| {
+            row.get::<_, Option<String>>(i)
+                .unwrap_or_else(|| "NULL".into())
+        })
         .collect()
 }
 
@@ -60,19 +66,36 @@ async fn fixture_lifecycle_in_order_gives_the_documented_rows() {
     assert!(applied.iter().all(|a| *a == Applied::Applied));
 
     assert_eq!(
-        row(&url, "SELECT status, fleet_ref, fleet_id::text FROM invitations").await,
+        row(
+            &url,
+            "SELECT status, fleet_ref, fleet_id::text FROM invitations"
+        )
+        .await,
         ["accepted", "FLEET-42", FLEET]
     );
     assert_eq!(
-        row(&url, "SELECT fleet_ref, onboarding_status, share_status, invitation_id::text FROM fleets").await,
-        ["FLEET-42", "connected", "active", "6513270e-269e-4d37-b2a7-4de452e6b438"]
+        row(
+            &url,
+            "SELECT fleet_ref, onboarding_status, share_status, invitation_id::text FROM fleets"
+        )
+        .await,
+        [
+            "FLEET-42",
+            "connected",
+            "active",
+            "6513270e-269e-4d37-b2a7-4de452e6b438"
+        ]
     );
     assert_eq!(
         row(&url, "SELECT status, source_name, fleet_id::text, (staled_at IS NOT NULL)::text FROM connections").await,
         ["stale", "samsara", FLEET, "true"]
     );
     assert_eq!(
-        row(&url, "SELECT connection_id::text, fleet_id::text FROM fleet_connections").await,
+        row(
+            &url,
+            "SELECT connection_id::text, fleet_id::text FROM fleet_connections"
+        )
+        .await,
         [CONNECTION, FLEET]
     );
     assert_eq!(
@@ -81,7 +104,10 @@ async fn fixture_lifecycle_in_order_gives_the_documented_rows() {
     );
     let alerts = pg(&url)
         .await
-        .query("SELECT kind, state, fleet_ref, fleet_id::text FROM alerts ORDER BY kind", &[])
+        .query(
+            "SELECT kind, state, fleet_ref, fleet_id::text FROM alerts ORDER BY kind",
+            &[],
+        )
         .await
         .unwrap();
     let alerts: Vec<(String, String, String, String)> = alerts
@@ -91,11 +117,28 @@ async fn fixture_lifecycle_in_order_gives_the_documented_rows() {
     assert_eq!(
         alerts,
         [
-            ("connection_stale".into(), "open".into(), "FLEET-42".into(), FLEET.into()),
-            ("schedule_deactivated".into(), "open".into(), "FLEET-42".into(), FLEET.into()),
+            (
+                "connection_stale".into(),
+                "open".into(),
+                "FLEET-42".into(),
+                FLEET.into()
+            ),
+            (
+                "schedule_deactivated".into(),
+                "open".into(),
+                "FLEET-42".into(),
+                FLEET.into()
+            ),
         ]
     );
-    assert_eq!(count(&url, "SELECT count(*) FROM alert_outbox WHERE action = 'open'").await, 2);
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM alert_outbox WHERE action = 'open'"
+        )
+        .await,
+        2
+    );
 
     // Every delivery again: all duplicates, nothing changes.
     let before = snapshot(&url).await;
@@ -120,11 +163,18 @@ async fn reversed_lifecycle_converges_and_backfills_fleet_ref() {
     assert_same_state(&snapshot(&ordered).await, &snapshot(&reversed).await);
     // The stale alert was raised before any mapping existed, and got its fleet_ref later.
     assert_eq!(
-        row(&reversed, "SELECT fleet_ref FROM alerts WHERE kind = 'connection_stale'").await,
+        row(
+            &reversed,
+            "SELECT fleet_ref FROM alerts WHERE kind = 'connection_stale'"
+        )
+        .await,
         ["FLEET-42"]
     );
     // A late invitation.accepted does not move a connected fleet backwards.
-    assert_eq!(row(&reversed, "SELECT onboarding_status FROM fleets").await, ["connected"]);
+    assert_eq!(
+        row(&reversed, "SELECT onboarding_status FROM fleets").await,
+        ["connected"]
+    );
     drop_db(&ordered).await;
     drop_db(&reversed).await;
 }
@@ -133,16 +183,48 @@ async fn reversed_lifecycle_converges_and_backfills_fleet_ref() {
 async fn each_event_kind_alone() {
     let f = fixtures();
     let cases: Vec<(usize, &str, Vec<&str>)> = vec![
-        (0, "SELECT status, fleet_ref, (fleet_id IS NULL)::text FROM invitations", vec!["created", "FLEET-42", "true"]),
+        (
+            0,
+            "SELECT status, fleet_ref, (fleet_id IS NULL)::text FROM invitations",
+            vec!["created", "FLEET-42", "true"],
+        ),
         (1, "SELECT status FROM invitations", vec!["viewed"]),
-        (2, "SELECT i.status, f.onboarding_status, f.fleet_ref FROM invitations i JOIN fleets f USING (fleet_id)", vec!["accepted", "accepted", "FLEET-42"]),
-        (3, "SELECT onboarding_status, fleet_ref, share_status FROM fleets", vec!["share_agreed", "FLEET-42", "active"]),
-        (4, "SELECT status, source_name FROM connections", vec!["active", "samsara"]),
+        (
+            2,
+            "SELECT i.status, f.onboarding_status, f.fleet_ref FROM invitations i JOIN fleets f USING (fleet_id)",
+            vec!["accepted", "accepted", "FLEET-42"],
+        ),
+        (
+            3,
+            "SELECT onboarding_status, fleet_ref, share_status FROM fleets",
+            vec!["share_agreed", "FLEET-42", "active"],
+        ),
+        (
+            4,
+            "SELECT status, source_name FROM connections",
+            vec!["active", "samsara"],
+        ),
         // Connection reuse: never saw connection.created, still recorded, fleet connected.
-        (5, "SELECT f.onboarding_status, c.status, c.fleet_id::text FROM fleets f JOIN connections c USING (fleet_id)", vec!["connected", "active", FLEET]),
-        (6, "SELECT status, failed_executions::text FROM schedules", vec!["active", "1"]),
-        (7, "SELECT s.status, a.kind, a.state FROM schedules s JOIN alerts a ON a.subject_id = s.schedule_id", vec!["deactivated", "schedule_deactivated", "open"]),
-        (8, "SELECT c.status, a.state, a.fleet_id::text, coalesce(a.fleet_ref, 'NULL') FROM connections c JOIN alerts a ON a.subject_id = c.connection_id", vec!["stale", "open", FLEET, "NULL"]),
+        (
+            5,
+            "SELECT f.onboarding_status, c.status, c.fleet_id::text FROM fleets f JOIN connections c USING (fleet_id)",
+            vec!["connected", "active", FLEET],
+        ),
+        (
+            6,
+            "SELECT status, failed_executions::text FROM schedules",
+            vec!["active", "1"],
+        ),
+        (
+            7,
+            "SELECT s.status, a.kind, a.state FROM schedules s JOIN alerts a ON a.subject_id = s.schedule_id",
+            vec!["deactivated", "schedule_deactivated", "open"],
+        ),
+        (
+            8,
+            "SELECT c.status, a.state, a.fleet_id::text, coalesce(a.fleet_ref, 'NULL') FROM connections c JOIN alerts a ON a.subject_id = c.connection_id",
+            vec!["stale", "open", FLEET, "NULL"],
+        ),
     ];
     for (index, sql, want) in cases {
         let url = fresh_db(&format!("state_alone{index}")).await;
@@ -165,13 +247,30 @@ async fn recovery_resolves_the_stale_alert_only_when_newer() {
     envelope["id"] = "01a00000-0000-7000-8000-000000000002".into();
     let newer_active = serde_json::to_vec(&envelope).unwrap();
 
-    apply(&url, &[staled.clone()]).await;
+    apply(&url, std::slice::from_ref(&staled)).await;
     apply(&url, &[older_active]).await;
     assert_eq!(row(&url, "SELECT state FROM alerts").await, ["open"]);
     apply(&url, &[newer_active]).await;
-    assert_eq!(row(&url, "SELECT state, (resolved_at IS NOT NULL)::text FROM alerts").await, ["resolved", "true"]);
-    assert_eq!(row(&url, "SELECT status FROM connections").await, ["active"]);
-    assert_eq!(count(&url, "SELECT count(*) FROM alert_outbox WHERE action = 'resolve'").await, 1);
+    assert_eq!(
+        row(
+            &url,
+            "SELECT state, (resolved_at IS NOT NULL)::text FROM alerts"
+        )
+        .await,
+        ["resolved", "true"]
+    );
+    assert_eq!(
+        row(&url, "SELECT status FROM connections").await,
+        ["active"]
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM alert_outbox WHERE action = 'resolve'"
+        )
+        .await,
+        1
+    );
     drop_db(&url).await;
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, ShortString};
 
 use crate::broker::{PublishError, Publisher};
 use crate::topology::Names;
@@ -80,7 +80,7 @@ fn copy_properties(delivery: &Delivery, extra: &[(&str, AMQPValue)]) -> BasicPro
         .properties
         .headers()
         .clone()
-        .unwrap_or_else(FieldTable::default);
+        .unwrap_or_default();
     for (name, value) in extra {
         headers.insert(ShortString::from(*name), value.clone());
     }

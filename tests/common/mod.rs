@@ -24,7 +24,7 @@ pub const WEBHOOK_ID: &str = "247b2dea-a030-48b7-9a05-ee33c1b6ab0a";
 pub const SECRET: &str = "test-secret-0123456789";
 
 pub fn init_tracing() {
-    catena_ingest::telemetry::init(catena_ingest::telemetry::LogFormat::Text);
+    catena_ingest::telemetry::init_for_tests();
 }
 
 /// A name unique to this test run: `t_<test>_<random>`.
@@ -388,9 +388,15 @@ pub async fn apply_in_order(url: &str, events: &[catena_ingest::scenario::Event]
         .collect();
     for event in &decoded {
         let tx = client.transaction().await.unwrap();
-        apply_batch(&tx, &[Incoming { event, received_at: None }])
-            .await
-            .unwrap();
+        apply_batch(
+            &tx,
+            &[Incoming {
+                event,
+                received_at: None,
+            }],
+        )
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
     }
 }
@@ -417,7 +423,12 @@ pub async fn spawn_worker_with(
 }
 
 /// The real binary as a child process (for SIGKILL/SIGTERM tests).
-pub fn worker_process(prefix: &str, database_url: &str, amqp_url: &str, extra: &[(&str, &str)]) -> std::process::Child {
+pub fn worker_process(
+    prefix: &str,
+    database_url: &str,
+    amqp_url: &str,
+    extra: &[(&str, &str)],
+) -> std::process::Child {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_catena-ingest"));
     command
         .arg("worker")
