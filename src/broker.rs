@@ -126,6 +126,26 @@ impl Publisher {
             .clone()
     }
 
+    /// Messages ready in `queue` (passive declare on a short-lived channel, so a missing queue
+    /// cannot close a publishing channel).
+    pub async fn queue_depth(&self, queue: &str) -> Option<u32> {
+        let session = self.session()?;
+        let channel = session.connection.create_channel().await.ok()?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .ok();
+        let _ = channel.close(200, "done".into()).await;
+        declared.map(|q| q.message_count())
+    }
+
     /// Publish persistently with `mandatory` and wait for the confirm, up to `deadline`.
     pub async fn publish(
         &self,

@@ -190,6 +190,22 @@ pub struct WorkerArgs {
     /// Alertmanager base URL (e.g. http://127.0.0.1:9093); alerts are also always in the table.
     #[arg(long, env = "ALERTMANAGER_URL")]
     pub alertmanager_url: Option<String>,
+
+    /// A JSON webhook for alert notifications (Slack-compatible `text` field).
+    #[arg(long, env = "ALERT_WEBHOOK_URL", hide_env_values = true)]
+    pub alert_webhook_url: Option<String>,
+
+    /// Open alerts are re-sent to Alertmanager this often (keep it under its resolve_timeout).
+    #[arg(long, env = "ALERT_REFIRE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub alert_refire_interval: Duration,
+
+    /// More than this many failed executions of one schedule inside the window raise a warning.
+    #[arg(long, env = "EXECUTION_FAILURE_THRESHOLD", default_value_t = 3)]
+    pub execution_failure_threshold: i32,
+
+    /// The window for EXECUTION_FAILURE_THRESHOLD.
+    #[arg(long, env = "EXECUTION_FAILURE_WINDOW", default_value = "1h", value_parser = parse_duration)]
+    pub execution_failure_window: Duration,
 }
 
 #[cfg(test)]

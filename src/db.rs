@@ -8,11 +8,18 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Config, NoTls};
 
 /// Versioned migrations, applied in order, each once, each in its own transaction.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "read_model",
-    include_str!("../migrations/0001_read_model.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "read_model",
+        include_str!("../migrations/0001_read_model.sql"),
+    ),
+    (
+        2,
+        "notifications",
+        include_str!("../migrations/0002_notifications.sql"),
+    ),
+];
 
 /// Serialises concurrent `migrate` runs (any 64-bit constant unique to this app).
 const MIGRATION_LOCK: i64 = 0x6361_7465_6e61_0001;

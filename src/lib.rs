@@ -3,6 +3,7 @@
 //! One module per concept. The binary (`src/main.rs`) only parses the command line and calls
 //! into these; integration tests drive the same entry points in-process.
 
+pub mod alerts;
 pub mod broker;
 pub mod config;
 pub mod db;

@@ -81,6 +81,42 @@ enum Command {
     },
     /// Sign and POST Catena-shaped webhooks: one event from a file, or a generated scenario.
     Send(SendArgs),
+    /// List open alerts, or resolve one by hand (the sinks are notified too).
+    Alerts {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AlertsCommand {
+    /// List alerts, newest first.
+    List {
+        /// Only open alerts.
+        #[arg(long)]
+        open: bool,
+        /// Only this kind (connection_stale or schedule_deactivated).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this fleet_ref.
+        #[arg(long)]
+        fleet: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve an open alert by hand.
+    Resolve {
+        /// The alert_id.
+        id: uuid::Uuid,
+        /// Why (kept in alerts.resolution_note).
+        #[arg(long)]
+        note: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Send(args) => run_send(args).await,
+        Command::Alerts { database, command } => run_alerts(&database, command).await,
         Command::Migrate { database } => {
             let applied = catena_ingest::db::migrate(&database.database_url).await?;
             println!("migrations applied: {applied:?} (none means up to date)");
@@ -230,6 +267,13 @@ fn worker_config(
     config.batch_wait = worker.batch_wait;
     config.drain_timeout = worker.drain_timeout;
     config.migrate = !worker.no_migrate;
+    config.rules = catena_ingest::state::Rules {
+        failure_threshold: worker.execution_failure_threshold,
+        failure_window: worker.execution_failure_window,
+    };
+    config.notifier.alertmanager_url = worker.alertmanager_url.clone();
+    config.notifier.webhook_url = worker.alert_webhook_url.clone();
+    config.notifier.refire_interval = worker.alert_refire_interval;
     config
 }
 
@@ -272,6 +316,43 @@ async fn run_relay(
         .await
         .with_context(|| format!("binding {}", relay.relay_listen))?;
     running.handle.await?;
+    Ok(())
+}
+
+async fn db_client(database: &DatabaseArgs) -> anyhow::Result<deadpool_postgres::Object> {
+    let pool = catena_ingest::db::pool(&database.database_url, 1)?;
+    pool.get().await.context("connecting to PostgreSQL")
+}
+
+async fn run_alerts(database: &DatabaseArgs, command: AlertsCommand) -> anyhow::Result<()> {
+    use catena_ingest::alerts;
+    let client = db_client(database).await?;
+    match command {
+        AlertsCommand::List {
+            open,
+            kind,
+            fleet,
+            limit,
+            json,
+        } => {
+            let filter = alerts::ListFilter {
+                open_only: open,
+                kind,
+                fleet_ref: fleet,
+                limit,
+            };
+            let found = alerts::list(&client, &filter).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                alerts::print_table(&found);
+            }
+        }
+        AlertsCommand::Resolve { id, note } => {
+            alerts::resolve(&client, id, &note).await?;
+            println!("alert {id} resolved; the sinks will be notified");
+        }
+    }
     Ok(())
 }
 

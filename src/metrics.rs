@@ -101,6 +101,8 @@ impl RelayMetrics {
     }
 }
 
+pub const ALERT_KINDS: [&str; 2] = ["connection_stale", "schedule_deactivated"];
+
 /// Worker outcomes per event.
 pub const WORKER_OUTCOMES: [&str; 5] = ["applied", "duplicate", "retried", "parked", "ignored"];
 
@@ -115,6 +117,12 @@ pub struct WorkerMetrics {
     pub pool_connections: IntGaugeVec,
     pub pool_max: IntGauge,
     pub alerts_raised: IntCounterVec,
+    pub alerts_open: IntGaugeVec,
+    pub connections: IntGaugeVec,
+    pub schedules: IntGaugeVec,
+    pub parked_messages: IntGauge,
+    pub outbox_pending: IntGauge,
+    pub notifications: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -189,11 +197,77 @@ impl WorkerMetrics {
                 registry,
                 IntGauge::new("catena_db_pool_max_connections", "Database pool size").unwrap(),
             ),
-            alerts_raised: register(
+            alerts_raised: {
+                let raised = register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new("catena_alerts_raised_total", "Alerts opened by this worker"),
+                        &["kind"],
+                    )
+                    .unwrap(),
+                );
+                for kind in ALERT_KINDS {
+                    raised.with_label_values(&[kind]);
+                }
+                raised
+            },
+            alerts_open: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "catena_alerts_open",
+                        "Open alerts by kind (from PostgreSQL; identical on every replica, aggregate with max)",
+                    ),
+                    &["kind"],
+                )
+                .unwrap(),
+            ),
+            connections: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "catena_connections",
+                        "Connections by status (from PostgreSQL; aggregate with max)",
+                    ),
+                    &["status"],
+                )
+                .unwrap(),
+            ),
+            schedules: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "catena_schedules",
+                        "Schedules by status (from PostgreSQL; aggregate with max)",
+                    ),
+                    &["status"],
+                )
+                .unwrap(),
+            ),
+            parked_messages: register(
+                registry,
+                IntGauge::new(
+                    "catena_parked_messages",
+                    "Messages in the parking lot queue (aggregate with max)",
+                )
+                .unwrap(),
+            ),
+            outbox_pending: register(
+                registry,
+                IntGauge::new(
+                    "catena_outbox_pending",
+                    "Alert notifications not yet delivered to every sink (aggregate with max)",
+                )
+                .unwrap(),
+            ),
+            notifications: register(
                 registry,
                 IntCounterVec::new(
-                    Opts::new("catena_alerts_raised_total", "Alerts opened by this worker"),
-                    &["kind"],
+                    Opts::new(
+                        "catena_alert_notifications_total",
+                        "Alert notification deliveries by sink and outcome",
+                    ),
+                    &["sink", "outcome"],
                 )
                 .unwrap(),
             ),

@@ -204,6 +204,31 @@ ON CONFLICT (schedule_id) DO UPDATE SET
     connection_id = COALESCE(s.connection_id, EXCLUDED.connection_id),
     resource = COALESCE(s.resource, EXCLUDED.resource)";
 
+/// Escalate a schedule whose failures inside the window exceed the threshold: one `warning`
+/// outbox row per schedule and window (not an alert row).
+const FAILURE_WARNING: &str = "
+WITH counted AS (
+    SELECT count(*)::int AS failures FROM failed_executions
+    WHERE schedule_id = $1 AND failed_at > $2::timestamptz - $3::interval AND failed_at <= $2::timestamptz
+), raised AS (
+    INSERT INTO failure_warnings (schedule_id, window_start, failures)
+    SELECT $1, date_bin($3::interval, $2::timestamptz, TIMESTAMPTZ '2000-01-01'), failures
+    FROM counted WHERE failures > $4
+    ON CONFLICT DO NOTHING
+    RETURNING schedule_id, window_start, failures
+)
+INSERT INTO alert_outbox (alert_id, action, payload)
+SELECT NULL, 'warning', jsonb_strip_nulls(jsonb_build_object(
+    'kind', 'execution_failures', 'schedule_id', r.schedule_id, 'window_start', r.window_start,
+    'failures', r.failures, 'window_seconds', extract(epoch FROM $3::interval)::int,
+    'connection_id', s.connection_id, 'resource', s.resource, 'fleet_id', c.fleet_id,
+    'fleet_ref', f.fleet_ref, 'source_name', c.source_name))
+FROM raised r
+LEFT JOIN schedules s ON s.schedule_id = r.schedule_id
+LEFT JOIN connections c ON c.connection_id = s.connection_id
+LEFT JOIN fleets f ON f.fleet_id = c.fleet_id
+RETURNING id";
+
 const SCHEDULE_DEACTIVATE: &str = "
 INSERT INTO schedules AS s (schedule_id, connection_id, resource, status, consecutive_error_threshold,
     execution_interval_seconds, deactivated_at)
@@ -284,8 +309,26 @@ fn stage(
     )
 }
 
+/// Tunable state rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// More than this many distinct failed executions of one schedule inside `failure_window`
+    /// raise one `warning` notification per window.
+    pub failure_threshold: i32,
+    pub failure_window: std::time::Duration,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 3,
+            failure_window: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
 /// The statements that apply one event. Empty for ignored events.
-pub fn plan(event: &Event) -> Vec<Op> {
+pub fn plan(event: &Event, rules: &Rules) -> Vec<Op> {
     let t = event.event_time;
     let key = || p(event.key.clone());
     let mut ops = Vec::new();
@@ -404,6 +447,7 @@ pub fn plan(event: &Event) -> Vec<Op> {
                         vec![p(connection_id), p(r.fleet_id), p(r.source_name.clone())],
                     ));
                 }
+                let failed_at = r.updated_at.or(r.created_at).unwrap_or(t);
                 ops.push(Op::new(
                     EXECUTION_FAILED,
                     vec![
@@ -413,7 +457,16 @@ pub fn plan(event: &Event) -> Vec<Op> {
                         p(r.fleet_id),
                         p(r.source_name.clone()),
                         p(r.resource.clone()),
-                        p(r.updated_at.or(r.created_at).unwrap_or(t)),
+                        p(failed_at),
+                    ],
+                ));
+                ops.push(Op::new(
+                    FAILURE_WARNING,
+                    vec![
+                        p(r.schedule_id),
+                        p(failed_at),
+                        p(PgInterval(rules.failure_window)),
+                        p(rules.failure_threshold),
                     ],
                 ));
             }
@@ -482,6 +535,7 @@ pub struct BatchResult {
 pub async fn apply_batch(
     tx: &Transaction<'_>,
     batch: &[Incoming<'_>],
+    rules: &Rules,
 ) -> Result<BatchResult, DbError> {
     let mut result = BatchResult {
         applied: vec![Applied::Duplicate; batch.len()],
@@ -541,7 +595,7 @@ pub async fn apply_batch(
             continue;
         }
         result.applied[i] = Applied::Applied;
-        ops.extend(plan(event));
+        ops.extend(plan(event, rules));
     }
     if ops.is_empty() {
         return Ok(result);
@@ -578,4 +632,25 @@ pub async fn apply_batch(
         }
     }
     Ok(result)
+}
+
+/// A `std::time::Duration` sent as a PostgreSQL `interval` (microseconds, no days or months).
+#[derive(Debug, Clone, Copy)]
+pub struct PgInterval(pub std::time::Duration);
+
+impl ToSql for PgInterval {
+    fn to_sql(
+        &self,
+        _ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        out.put_i64(self.0.as_micros() as i64);
+        out.put_i32(0); // days
+        out.put_i32(0); // months
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    tokio_postgres::types::accepts!(INTERVAL);
+    tokio_postgres::types::to_sql_checked!();
 }

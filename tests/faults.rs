@@ -40,7 +40,9 @@ async fn worker_sigkilled_mid_batch_loses_and_doubles_nothing() {
     let mut worker = worker_process(&prefix, &db, AMQP_URL, &[("WORKER_BATCH_SIZE", "25")]);
     let at_kill = wait_for_count(&db, EVENTS, 300, Duration::from_secs(60)).await;
     signal(&worker, "KILL");
-    let killed = tokio::task::spawn_blocking(move || worker.wait().unwrap()).await.unwrap();
+    let killed = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
     assert!(!killed.success(), "SIGKILL ends the process abruptly");
     assert!(
         at_kill < events.len() as i64,

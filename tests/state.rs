@@ -23,7 +23,9 @@ async fn apply(url: &str, bodies: &[Vec<u8>]) -> Vec<Applied> {
         })
         .collect();
     let tx = client.transaction().await.unwrap();
-    let result = apply_batch(&tx, &incoming).await.unwrap();
+    let result = apply_batch(&tx, &incoming, &Default::default())
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     result.applied
 }

@@ -73,6 +73,7 @@ pub struct Context {
     pub shutdown: Shutdown,
     /// False while the database is unreachable (drives /readyz).
     pub db_ok: std::sync::atomic::AtomicBool,
+    pub rules: crate::state::Rules,
 }
 
 struct Message<'a> {
@@ -217,7 +218,7 @@ async fn attempt(ctx: &Context, messages: &[Message<'_>], indexes: &[usize]) -> 
                 received_at: messages[i].received_at,
             })
             .collect();
-        let result = state::apply_batch(&tx, &incoming).await?;
+        let result = state::apply_batch(&tx, &incoming, &ctx.rules).await?;
         tx.commit().await?;
         Ok::<_, DbError>(result)
     };

@@ -50,6 +50,8 @@ pub struct WorkerConfig {
     pub batch_wait: Duration,
     pub drain_timeout: Duration,
     pub migrate: bool,
+    pub rules: crate::state::Rules,
+    pub notifier: crate::alerts::NotifierConfig,
 }
 
 impl WorkerConfig {
@@ -66,6 +68,8 @@ impl WorkerConfig {
             batch_wait: Duration::from_millis(2),
             drain_timeout: Duration::from_secs(20),
             migrate: true,
+            rules: crate::state::Rules::default(),
+            notifier: crate::alerts::NotifierConfig::default(),
         }
     }
 }
@@ -127,6 +131,7 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
         metrics,
         shutdown: shutdown.clone(),
         db_ok: AtomicBool::new(true),
+        rules: config.rules,
     });
     let health = Arc::new(Health {
         ctx: ctx.clone(),
@@ -148,6 +153,15 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
         })
     };
 
+    let notifier = crate::alerts::spawn(
+        ctx.pool.clone(),
+        ctx.publisher.clone(),
+        config.names.clone(),
+        ctx.metrics.clone(),
+        config.notifier.clone(),
+        shutdown.clone(),
+    );
+
     let mut consumers = Vec::new();
     for index in 0..config.consumers.max(1) {
         consumers.push(tokio::spawn(consume(
@@ -166,6 +180,7 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
             tracing::warn!("drain deadline passed; unacked messages will be redelivered");
         }
         broker_shutdown.trigger();
+        let _ = notifier.await;
         let _ = server.await;
         tracing::info!("worker stopped");
     });

@@ -76,11 +76,7 @@ pub fn attempts(delivery: &Delivery) -> u32 {
 }
 
 fn copy_properties(delivery: &Delivery, extra: &[(&str, AMQPValue)]) -> BasicProperties {
-    let mut headers = delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     for (name, value) in extra {
         headers.insert(ShortString::from(*name), value.clone());
     }

@@ -394,6 +394,7 @@ pub async fn apply_in_order(url: &str, events: &[catena_ingest::scenario::Event]
                 event,
                 received_at: None,
             }],
+            &Default::default(),
         )
         .await
         .unwrap();
@@ -487,4 +488,184 @@ pub fn assert_same_state(expected: &str, actual: &str) {
     let missing: Vec<_> = e.difference(&a).take(20).collect();
     let extra: Vec<_> = a.difference(&e).take(20).collect();
     panic!("state differs\nonly in expected:\n{missing:#?}\nonly in actual:\n{extra:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alerting helpers
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Alertmanager (Debian's prometheus-alertmanager) on its own port and storage.
+pub struct Alertmanager {
+    pub url: String,
+    child: std::process::Child,
+    _dir: TempDir,
+}
+
+impl Alertmanager {
+    pub async fn start(port: u16) -> Self {
+        let dir = TempDir::new("am");
+        let config = dir.path.join("alertmanager.yml");
+        std::fs::write(
+            &config,
+            "route:\n  receiver: 'null'\n  group_wait: 1s\nreceivers:\n  - name: 'null'\n",
+        )
+        .unwrap();
+        let child = std::process::Command::new("prometheus-alertmanager")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.path.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus-alertmanager is installed (.ci/run installs it)");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            if reqwest::get(format!("{url}/-/ready"))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self {
+            url,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Alerts Alertmanager currently holds with this alertname that are still active.
+    pub async fn active(&self, alertname: &str) -> Vec<serde_json::Value> {
+        let alerts: Vec<serde_json::Value> = reqwest::get(format!("{}/api/v2/alerts", self.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        alerts
+            .into_iter()
+            .filter(|a| a["labels"]["alertname"] == alertname && a["status"]["state"] == "active")
+            .collect()
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&path).unwrap();
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A webhook sink the test owns: records every JSON body, and can be switched to answer 503.
+#[derive(Clone)]
+pub struct RecordingSink {
+    pub url: String,
+    pub received: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    pub up: Arc<AtomicBool>,
+}
+
+impl RecordingSink {
+    pub async fn start() -> Self {
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let up = Arc::new(AtomicBool::new(true));
+        let (r, u) = (received.clone(), up.clone());
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: bytes::Bytes| {
+                let (r, u) = (r.clone(), u.clone());
+                async move {
+                    if !u.load(Ordering::SeqCst) {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    r.lock()
+                        .unwrap()
+                        .push(serde_json::from_slice(&body).unwrap());
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { url, received, up }
+    }
+
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// The relay as a child process, logging to `log` (for log-content checks).
+pub fn relay_process(
+    prefix: &str,
+    listen: &str,
+    secrets: &str,
+    log: &std::path::Path,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_catena-ingest"))
+        .arg("relay")
+        .env("CATENA_NAME_PREFIX", prefix)
+        .env("AMQP_URL", AMQP_URL)
+        .env("RELAY_LISTEN", listen)
+        .env("CATENA_WEBHOOK_SECRETS", secrets)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn the relay binary")
+}
+
+pub async fn wait_http_ok(url: &str, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if reqwest::get(url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Parse `name{labels} value` lines of a Prometheus exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up this machine for catena-ingest: start PostgreSQL and RabbitMQ when they are not up,
+# and install the test tools (Alertmanager for the alerting tests). Idempotent; the README's
+# first command and the first step of .ci/run.
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  echo "starting PostgreSQL"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
+  for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
+pg_isready -h 127.0.0.1 -p 5432
+
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  echo "starting RabbitMQ"
+  as_root rabbitmq-server -detached
+  sleep 2
+fi
+rabbitmqctl -q await_startup --timeout 120
+echo "RabbitMQ up: $(rabbitmqctl -q version 2>/dev/null || echo '?')"
+
+if ! command -v prometheus-alertmanager >/dev/null 2>&1; then
+  echo "installing prometheus-alertmanager (tests start their own instances)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    prometheus-alertmanager >/dev/null
+  # The package may start a system instance on :9093; the tests use their own ports.
+fi
+echo "prometheus-alertmanager: $(prometheus-alertmanager --version 2>&1 | head -n1)"

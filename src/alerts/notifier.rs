@@ -1,0 +1,259 @@
+//! The notifier: delivers outbox rows, re-fires open alerts, refreshes the state gauges.
+//!
+//! Runs inside every worker process. Rows are claimed with `FOR UPDATE SKIP LOCKED`, so any
+//! number of replicas deliver each row once; a sink that already took a row is remembered in
+//! `delivered_sinks`, so a retry only goes to the sinks that failed. A dead sink backs off per
+//! row (exponential, with jitter) and never touches event processing, which uses its own
+//! connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::task::JoinHandle;
+
+use super::sinks::{Notification, Sink};
+use super::{ALERT_COLUMNS, Alert, retry_delay};
+use crate::broker::Publisher;
+use crate::db::DbError;
+use crate::metrics::WorkerMetrics;
+use crate::shutdown::Shutdown;
+use crate::topology::Names;
+
+#[derive(Debug, Clone)]
+pub struct NotifierConfig {
+    pub alertmanager_url: Option<String>,
+    pub webhook_url: Option<String>,
+    /// How often pending outbox rows are looked for.
+    pub poll_interval: Duration,
+    /// Open alerts are re-sent to Alertmanager this often (below its 5 min resolve_timeout).
+    pub refire_interval: Duration,
+    pub gauge_interval: Duration,
+    pub batch: i64,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        Self {
+            alertmanager_url: None,
+            webhook_url: None,
+            poll_interval: Duration::from_millis(500),
+            refire_interval: Duration::from_secs(60),
+            gauge_interval: Duration::from_secs(15),
+            batch: 50,
+        }
+    }
+}
+
+impl NotifierConfig {
+    fn sinks(&self) -> Vec<Sink> {
+        let mut sinks = Vec::new();
+        if let Some(url) = &self.alertmanager_url {
+            sinks.push(Sink::alertmanager(url));
+        }
+        if let Some(url) = &self.webhook_url {
+            sinks.push(Sink::webhook(url));
+        }
+        sinks
+    }
+}
+
+/// Serialises re-firing across replicas (transaction-scoped advisory lock).
+const REFIRE_LOCK: i64 = 0x6361_7465_6e61_0002;
+
+const CLAIM: &str = "
+SELECT o.id, o.action, o.attempts, o.delivered_sinks, o.payload,
+       a.alert_id, a.kind, a.subject_id, a.fleet_id, a.fleet_ref, a.state, a.opened_at,
+       a.resolved_at, a.resolution, a.details,
+       (SELECT i.magic_link FROM invitations i
+         WHERE a.kind = 'connection_stale' AND a.fleet_id IS NOT NULL AND i.fleet_id = a.fleet_id
+         ORDER BY i.updated_at DESC LIMIT 1) AS magic_link
+FROM alert_outbox o LEFT JOIN alerts a ON a.alert_id = o.alert_id
+WHERE o.delivered_at IS NULL AND o.next_attempt_at <= now()
+ORDER BY o.id
+LIMIT $1
+FOR UPDATE OF o SKIP LOCKED";
+
+pub fn spawn(
+    pool: Pool,
+    publisher: Publisher,
+    names: Names,
+    metrics: WorkerMetrics,
+    config: NotifierConfig,
+    shutdown: Shutdown,
+) -> JoinHandle<()> {
+    let sinks = Arc::new(config.sinks());
+    tokio::spawn(async move {
+        let mut poll = tokio::time::interval(config.poll_interval);
+        let mut refire = tokio::time::interval(config.refire_interval);
+        let mut gauges = tokio::time::interval(config.gauge_interval);
+        for timer in [&mut poll, &mut refire, &mut gauges] {
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = poll.tick() => {
+                    // Drain everything due, a batch at a time.
+                    loop {
+                        match deliver_pending(&pool, &sinks, &metrics, config.batch).await {
+                            Ok(n) if n as i64 == config.batch => continue,
+                            Ok(_) => break,
+                            Err(error) => {
+                                tracing::debug!(%error, "notifier could not reach the database");
+                                break;
+                            }
+                        }
+                    }
+                }
+                _ = refire.tick() => {
+                    if let Err(error) = refire_open(&pool, &sinks, &metrics).await {
+                        tracing::debug!(%error, "re-firing open alerts failed");
+                    }
+                }
+                _ = gauges.tick() => {
+                    match pool.get().await {
+                        Ok(client) => {
+                            if let Err(error) = super::refresh_gauges(&client, &publisher, &names, &metrics).await {
+                                tracing::debug!(%error, "gauge refresh failed");
+                            }
+                        }
+                        Err(error) => tracing::debug!(%error, "gauge refresh: no database connection"),
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn notification_of(row: &tokio_postgres::Row) -> Option<Notification> {
+    let action: &str = row.get("action");
+    if action == "warning" {
+        return Some(Notification::Warning {
+            payload: row
+                .get::<_, Option<serde_json::Value>>("payload")
+                .unwrap_or_default(),
+        });
+    }
+    row.get::<_, Option<uuid::Uuid>>("alert_id")?;
+    let alert = Alert::from_row(row);
+    // Announce the alert's state as of now: an `open` row retried after its alert resolved
+    // must not re-fire it (retries can reorder rows of one alert).
+    Some(match action {
+        _ if alert.state == "resolved" => Notification::Resolved { alert },
+        "resolve" => Notification::Resolved { alert },
+        _ => Notification::Firing {
+            alert,
+            reauth_link: row.get("magic_link"),
+        },
+    })
+}
+
+/// Claim due outbox rows and deliver them to every sink that has not had them yet. Returns how
+/// many rows were claimed.
+pub async fn deliver_pending(
+    pool: &Pool,
+    sinks: &[Sink],
+    metrics: &WorkerMetrics,
+    batch: i64,
+) -> Result<usize, DbError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let rows = tx.query(CLAIM, &[&batch]).await?;
+    for row in &rows {
+        let id: i64 = row.get("id");
+        let attempts: i32 = row.get("attempts");
+        let mut delivered: Vec<String> = row.get("delivered_sinks");
+        let mut last_error: Option<String> = None;
+        match notification_of(row) {
+            Some(notification) => {
+                let pending: Vec<&Sink> = sinks
+                    .iter()
+                    .filter(|s| !delivered.iter().any(|d| d == s.name()))
+                    .collect();
+                for sink in pending {
+                    match sink.send(id, &notification).await {
+                        Ok(()) => {
+                            metrics
+                                .notifications
+                                .with_label_values(&[sink.name(), "delivered"])
+                                .inc();
+                            delivered.push(sink.name().to_owned());
+                        }
+                        Err(error) => {
+                            metrics
+                                .notifications
+                                .with_label_values(&[sink.name(), "failed"])
+                                .inc();
+                            tracing::warn!(outbox_id = id, sink = sink.name(), %error, attempts = attempts + 1, "notification not delivered, will retry");
+                            last_error = Some(format!("{}: {error}", sink.name()));
+                        }
+                    }
+                }
+            }
+            None => last_error = None,
+        }
+        let done = sinks
+            .iter()
+            .all(|s| delivered.iter().any(|d| d == s.name()));
+        if done {
+            tx.execute(
+                "UPDATE alert_outbox SET delivered_at = now(), delivered_sinks = $2, attempts = attempts + 1 WHERE id = $1",
+                &[&id, &delivered],
+            )
+            .await?;
+        } else {
+            let delay = retry_delay(attempts as u32 + 1);
+            tx.execute(
+                "UPDATE alert_outbox SET delivered_sinks = $2, attempts = attempts + 1, last_error = $3,
+                        next_attempt_at = now() + make_interval(secs => $4)
+                 WHERE id = $1",
+                &[&id, &delivered, &last_error, &delay.as_secs_f64()],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(rows.len())
+}
+
+/// Keep open alerts firing in Alertmanager (it resolves anything not re-sent within its
+/// resolve_timeout). One replica at a time does it.
+async fn refire_open(pool: &Pool, sinks: &[Sink], metrics: &WorkerMetrics) -> Result<(), DbError> {
+    let Some(alertmanager) = sinks.iter().find(|s| s.name() == "alertmanager") else {
+        return Ok(());
+    };
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let locked: bool = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&REFIRE_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(());
+    }
+    let sql = format!(
+        "SELECT {ALERT_COLUMNS},
+            (SELECT i.magic_link FROM invitations i
+              WHERE alerts.kind = 'connection_stale' AND alerts.fleet_id IS NOT NULL AND i.fleet_id = alerts.fleet_id
+              ORDER BY i.updated_at DESC LIMIT 1) AS magic_link
+         FROM alerts WHERE state = 'open'
+           AND NOT EXISTS (SELECT 1 FROM alert_outbox o WHERE o.alert_id = alerts.alert_id AND o.delivered_at IS NULL)"
+    );
+    for row in tx.query(&sql, &[]).await? {
+        let notification = Notification::Firing {
+            alert: Alert::from_row(&row),
+            reauth_link: row.get("magic_link"),
+        };
+        let outcome = match alertmanager.send(0, &notification).await {
+            Ok(()) => "delivered",
+            Err(_) => "failed",
+        };
+        metrics
+            .notifications
+            .with_label_values(&["alertmanager", outcome])
+            .inc();
+    }
+    tx.commit().await?;
+    Ok(())
+}
