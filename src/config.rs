@@ -46,16 +46,17 @@ impl Default for Delays {
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
+    // A bare number is seconds (WORKER_DRAIN_SECONDS=20).
     let split = text
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` needs a unit (ms, s, m, h)"))?;
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a duration"))?;
     Ok(match unit {
         "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
+        "s" | "" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         _ => return Err(format!("`{text}`: unit must be ms, s, m or h")),
@@ -216,7 +217,8 @@ mod tests {
     fn durations_and_delays() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5").is_err());
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("s").is_err());
         assert!(parse_duration("5d").is_err());
         assert_eq!(parse_delays("1s, 2s").unwrap().0.len(), 2);
         assert!(parse_delays("").is_err());

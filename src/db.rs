@@ -19,6 +19,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "notifications",
         include_str!("../migrations/0002_notifications.sql"),
     ),
+    (
+        3,
+        "event_fleet",
+        include_str!("../migrations/0003_event_fleet.sql"),
+    ),
 ];
 
 /// Serialises concurrent `migrate` runs (any 64-bit constant unique to this app).

@@ -65,6 +65,20 @@ pub struct Event {
     pub change: Change,
 }
 
+impl Event {
+    /// The fleet the records name, if any (for indexing `webhook_events`).
+    pub fn fleet_id(&self) -> Option<Uuid> {
+        match &self.change {
+            Change::Invitation(_, r) => r.iter().find_map(|i| i.fleet_id),
+            Change::ShareAgreement(r) => r.first().map(|s| s.fleet_id),
+            Change::Connection { records, .. } => records.iter().find_map(|c| c.fleet_id),
+            Change::FleetConnection(r) => r.first().map(|f| f.fleet_id),
+            Change::ExecutionFailed(r) => r.iter().find_map(|e| e.fleet_id),
+            Change::ScheduleDeactivated(_) | Change::Ignored => None,
+        }
+    }
+}
+
 /// What an event asks of the fleet state. Unknown names are [`Change::Ignored`] (forward
 /// compatible: recorded and acked).
 #[derive(Debug, Clone, PartialEq)]

@@ -81,12 +81,100 @@ enum Command {
     },
     /// Sign and POST Catena-shaped webhooks: one event from a file, or a generated scenario.
     Send(SendArgs),
+    /// Look into, replay or purge the parking lot (works while workers run).
+    Parked {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(subcommand)]
+        command: ParkedCommand,
+    },
+    /// Show one fleet's onboarding, connections, schedules, open alerts and last events.
+    Fleet {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// List open alerts, or resolve one by hand (the sinks are notified too).
     Alerts {
         #[command(flatten)]
         database: DatabaseArgs,
         #[command(subcommand)]
         command: AlertsCommand,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct ParkedFilterArgs {
+    /// Only this event name (routing key).
+    #[arg(long = "event")]
+    event_name: Option<String>,
+    /// Only this park reason (malformed, invalid_record, unsupported_version, retries_exhausted,
+    /// rejected_by_database, handler_panic, broker:delivery_limit, ...).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only messages parked at least this long ago (e.g. 10m, 2h).
+    #[arg(long, value_parser = parse_duration)]
+    older_than: Option<Duration>,
+}
+
+impl ParkedFilterArgs {
+    fn filter(&self, id: Option<String>) -> catena_ingest::parked::Filter {
+        catena_ingest::parked::Filter {
+            event_name: self.event_name.clone(),
+            reason: self.reason.clone(),
+            older_than: self.older_than,
+            id,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum ParkedCommand {
+    /// List parked messages (nothing is changed).
+    List {
+        #[command(flatten)]
+        filter: ParkedFilterArgs,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message: headers, reason, attempts, and the body with secrets masked.
+    Show { id: String },
+    /// Republish matching messages to the events exchange (confirmed), then drop the parked copy.
+    Replay {
+        #[command(flatten)]
+        filter: ParkedFilterArgs,
+        /// Only this message.
+        #[arg(long)]
+        id: Option<String>,
+        /// Count what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replays per second (0 = unlimited).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+    },
+    /// Delete matching messages for good.
+    Purge {
+        #[command(flatten)]
+        filter: ParkedFilterArgs,
+        #[arg(long)]
+        id: Option<String>,
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCommand {
+    /// Show a fleet by fleet_ref or fleet_id.
+    Show {
+        ref_or_id: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -206,6 +294,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Send(args) => run_send(args).await,
         Command::Alerts { database, command } => run_alerts(&database, command).await,
+        Command::Parked { broker, command } => run_parked(&broker, command).await,
+        Command::Fleet {
+            database,
+            command: FleetCommand::Show { ref_or_id, json },
+        } => {
+            let client = db_client(&database).await?;
+            match catena_ingest::fleet::show(&client, &ref_or_id).await? {
+                Some(view) if json => println!("{}", serde_json::to_string_pretty(&view)?),
+                Some(view) => catena_ingest::fleet::print(&view),
+                None => bail!("no fleet or invitation matches `{ref_or_id}`"),
+            }
+            Ok(())
+        }
         Command::Migrate { database } => {
             let applied = catena_ingest::db::migrate(&database.database_url).await?;
             println!("migrations applied: {applied:?} (none means up to date)");
@@ -316,6 +417,79 @@ async fn run_relay(
         .await
         .with_context(|| format!("binding {}", relay.relay_listen))?;
     running.handle.await?;
+    Ok(())
+}
+
+async fn run_parked(broker: &BrokerArgs, command: ParkedCommand) -> anyhow::Result<()> {
+    use catena_ingest::parked;
+    let names = broker.names();
+    let url = &broker.amqp_url;
+    match command {
+        ParkedCommand::List {
+            filter,
+            limit,
+            json,
+        } => {
+            let mut found = parked::list(url, &names, &filter.filter(None), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                for p in &mut found {
+                    p.headers.remove("body");
+                }
+                parked::print_table(&found);
+            }
+        }
+        ParkedCommand::Show { id } => {
+            let filter = parked::Filter {
+                id: Some(id.clone()),
+                ..Default::default()
+            };
+            let found = parked::list(url, &names, &filter, 1).await?;
+            let Some(p) = found.first() else {
+                bail!("no parked message with id {id}");
+            };
+            let mut headers = p.headers.clone();
+            let body = headers.remove("body").unwrap_or_default();
+            println!(
+                "id:        {}\nevent:     {}\nreason:    {}\ndetail:    {}\nparked_at: {}\nattempts:  {}",
+                p.id,
+                p.event_name,
+                p.reason,
+                p.detail.as_deref().unwrap_or("-"),
+                p.parked_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into()),
+                p.attempts
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
+            println!("headers:\n{}", serde_json::to_string_pretty(&headers)?);
+            println!("body (secrets masked):\n{}", body.as_str().unwrap_or(""));
+        }
+        ParkedCommand::Replay {
+            filter,
+            id,
+            dry_run,
+            rate,
+        } => {
+            let report = parked::replay(url, &names, &filter.filter(id), dry_run, rate).await?;
+            println!(
+                "{}examined={} matched={} replayed={}",
+                if dry_run { "dry run: " } else { "" },
+                report.examined,
+                report.matched,
+                report.replayed
+            );
+        }
+        ParkedCommand::Purge { filter, id, yes } => {
+            if !yes {
+                bail!("purge deletes parked messages for good: add --yes");
+            }
+            let report = parked::purge(url, &names, &filter.filter(id)).await?;
+            println!("examined={} purged={}", report.examined, report.purged);
+        }
+    }
     Ok(())
 }
 

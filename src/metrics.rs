@@ -260,17 +260,25 @@ impl WorkerMetrics {
                 )
                 .unwrap(),
             ),
-            notifications: register(
-                registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "catena_alert_notifications_total",
-                        "Alert notification deliveries by sink and outcome",
-                    ),
-                    &["sink", "outcome"],
-                )
-                .unwrap(),
-            ),
+            notifications: {
+                let notifications = register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "catena_alert_notifications_total",
+                            "Alert notification deliveries by sink and outcome",
+                        ),
+                        &["sink", "outcome"],
+                    )
+                    .unwrap(),
+                );
+                for sink in ["alertmanager", "webhook"] {
+                    for outcome in ["delivered", "failed"] {
+                        notifications.with_label_values(&[sink, outcome]);
+                    }
+                }
+                notifications
+            },
         }
     }
 }

@@ -283,8 +283,8 @@ FROM invitations i
 WHERE f.fleet_ref IS NULL AND i.invitation_id = f.invitation_id AND i.fleet_ref IS NOT NULL";
 
 const DEDUP_INSERT: &str = "
-INSERT INTO webhook_events (event_key, event_id, event_name, webhook_id, event_time, outcome, received_at)
-SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::timestamptz[])
+INSERT INTO webhook_events (event_key, event_id, event_name, webhook_id, event_time, outcome, received_at, fleet_id)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::timestamptz[], $8::uuid[])
 ON CONFLICT (event_key) DO NOTHING
 RETURNING event_key";
 
@@ -550,6 +550,7 @@ pub async fn apply_batch(
     let mut unique: Vec<usize> = first.values().copied().collect();
     unique.sort_unstable();
 
+    let mut fleets = Vec::with_capacity(unique.len());
     let (mut keys, mut ids, mut names, mut webhooks, mut times, mut outcomes, mut received) = (
         Vec::with_capacity(unique.len()),
         Vec::with_capacity(unique.len()),
@@ -572,12 +573,15 @@ pub async fn apply_batch(
             "applied"
         });
         received.push(batch[i].received_at);
+        fleets.push(e.fleet_id());
     }
     let dedup = tx.prepare_cached(DEDUP_INSERT).await?;
     let fresh: std::collections::HashSet<String> = tx
         .query(
             &dedup,
-            &[&keys, &ids, &names, &webhooks, &times, &outcomes, &received],
+            &[
+                &keys, &ids, &names, &webhooks, &times, &outcomes, &received, &fleets,
+            ],
         )
         .await?
         .into_iter()

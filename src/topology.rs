@@ -25,6 +25,9 @@ pub const RETRY_TIERS: [Duration; 4] = [
 /// Deliveries of one message before the broker parks it (a worker crash-loop guard).
 pub const DELIVERY_LIMIT: i64 = 10;
 
+/// Effectively unlimited redeliveries for the parking lot (see [`declare`]).
+pub const PARKED_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
 /// Every exchange and queue name, derived from `CATENA_NAME_PREFIX`.
 #[derive(Clone, Debug)]
 pub struct Names {
@@ -109,8 +112,16 @@ pub async fn declare(channel: &Channel, names: &Names) -> lapin::Result<()> {
         ..Default::default()
     };
 
+    // The parking lot is browsed with get + requeue (`catena-ingest parked list`); each
+    // requeue counts as a delivery, and RabbitMQ 4.x drops quorum messages past the default
+    // limit of 20. A huge explicit limit means browsing can never drop a parked message.
+    let mut parked = quorum_args();
+    parked.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(PARKED_DELIVERY_LIMIT),
+    );
     channel
-        .queue_declare(names.parked_queue.as_str().into(), durable, quorum_args())
+        .queue_declare(names.parked_queue.as_str().into(), durable, parked)
         .await?;
 
     let mut main = quorum_args();

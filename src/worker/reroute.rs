@@ -18,6 +18,8 @@ pub const ATTEMPTS_HEADER: &str = "x-catena-ingest-attempts";
 pub const PARK_REASON_HEADER: &str = "x-park-reason";
 pub const PARK_DETAIL_HEADER: &str = "x-park-detail";
 pub const PARKED_AT_HEADER: &str = "x-parked-at";
+/// A unique id per parked copy, so `parked show ID` can name one message.
+pub const PARK_ID_HEADER: &str = "x-park-id";
 pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 
 const CONFIRM_DEADLINE: Duration = Duration::from_secs(5);

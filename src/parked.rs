@@ -1,0 +1,424 @@
+//! `catena-ingest parked`: look into, replay and purge the parking lot, while workers run.
+//!
+//! Messages are taken with `basic.get` one at a time and held unacked while we decide, keeping
+//! only their delivery tags (never the bodies), so memory stays flat whatever the queue holds.
+//! A message is acked only after its replay copy is confirmed by the broker; everything held and
+//! not acked goes back to the queue when the channel closes. A crash mid-replay therefore leaves
+//! at worst a message both replayed and still parked, and the dedup key makes replaying it again
+//! a no-op. Nothing is lost.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::broker::{self, PublishError, Publisher};
+use crate::shutdown::Shutdown;
+use crate::topology::Names;
+use crate::worker::reroute::{
+    ATTEMPTS_HEADER, ORIGINAL_ROUTING_KEY_HEADER, PARK_DETAIL_HEADER, PARK_ID_HEADER,
+    PARK_REASON_HEADER, PARKED_AT_HEADER,
+};
+
+/// Which parked messages an operation applies to.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub event_name: Option<String>,
+    pub reason: Option<String>,
+    pub older_than: Option<Duration>,
+    pub id: Option<String>,
+}
+
+/// A parked message as an operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Parked {
+    pub id: String,
+    pub event_name: String,
+    pub reason: String,
+    pub detail: Option<String>,
+    pub parked_at: Option<DateTime<Utc>>,
+    pub attempts: Option<i64>,
+    pub bytes: usize,
+    pub headers: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParkedError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("replay publish failed: {0}")]
+    Publish(#[from] PublishError),
+    #[error("the broker connection for replays never became ready")]
+    NotReady,
+}
+
+fn text(value: &AMQPValue) -> serde_json::Value {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned().into(),
+        AMQPValue::ShortString(s) => s.as_str().into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::Boolean(b) => (*b).into(),
+        AMQPValue::Timestamp(t) => (*t).into(),
+        AMQPValue::FieldTable(t) => serde_json::Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), text(v)))
+                .collect(),
+        ),
+        AMQPValue::FieldArray(a) => a.as_slice().iter().map(text).collect(),
+        other => format!("{other:?}").into(),
+    }
+}
+
+fn headers(delivery: &Delivery) -> serde_json::Map<String, serde_json::Value> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), text(v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the broker's own dead-lettering recorded (messages parked by the delivery limit).
+fn x_death_reason(headers: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    headers
+        .get("x-death")?
+        .as_array()?
+        .first()?
+        .get("reason")?
+        .as_str()
+        .map(|r| format!("broker:{r}"))
+}
+
+pub fn describe(delivery: &Delivery) -> Parked {
+    let headers = headers(delivery);
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let id = get(PARK_ID_HEADER)
+        .or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+        })
+        .unwrap_or_else(|| {
+            let digest = Sha256::digest(&delivery.data);
+            digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        });
+    Parked {
+        id,
+        event_name: get(ORIGINAL_ROUTING_KEY_HEADER)
+            .unwrap_or_else(|| delivery.routing_key.to_string()),
+        reason: get(PARK_REASON_HEADER)
+            .or_else(|| x_death_reason(&headers))
+            .unwrap_or_else(|| "unknown".into()),
+        detail: get(PARK_DETAIL_HEADER),
+        parked_at: get(PARKED_AT_HEADER)
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc)),
+        attempts: headers.get(ATTEMPTS_HEADER).and_then(|v| v.as_i64()),
+        bytes: delivery.data.len(),
+        headers,
+    }
+}
+
+impl Filter {
+    pub fn matches(&self, parked: &Parked, now: DateTime<Utc>) -> bool {
+        self.event_name
+            .as_ref()
+            .is_none_or(|e| *e == parked.event_name)
+            && self.reason.as_ref().is_none_or(|r| *r == parked.reason)
+            && self.id.as_ref().is_none_or(|i| *i == parked.id)
+            && self.older_than.is_none_or(|age| {
+                parked.parked_at.is_some_and(|t| {
+                    now - t >= chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX)
+                })
+            })
+    }
+}
+
+/// Mask secrets in a body for display: tokens, magic links, secrets.
+pub fn masked_body(body: &[u8]) -> String {
+    fn mask(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map.iter_mut() {
+                    let sensitive =
+                        key.contains("token") || key.contains("secret") || key == "magic_link";
+                    if sensitive && !v.is_null() {
+                        *v = "***".into();
+                    } else {
+                        mask(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(mask),
+            _ => {}
+        }
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(mut value) => {
+            mask(&mut value);
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        }
+        Err(_) => format!("<{} bytes, not JSON; not shown>", body.len()),
+    }
+}
+
+/// A browse session: messages taken with basic.get stay unacked until `finish`.
+struct Session {
+    connection: Connection,
+    channel: Channel,
+    remaining: u32,
+}
+
+impl Session {
+    async fn open(url: &str, names: &Names) -> Result<Self, ParkedError> {
+        let connection = broker::connect(url, "catena-ingest parked").await?;
+        let channel = connection.create_channel().await?;
+        crate::topology::declare(&channel, names).await?;
+        let queue = channel
+            .queue_declare(
+                names.parked_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            connection,
+            channel,
+            remaining: queue.message_count(),
+        })
+    }
+
+    /// The next message present when the session opened (later arrivals are left alone).
+    async fn next(&mut self, queue: &str) -> Result<Option<Delivery>, ParkedError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        self.remaining -= 1;
+        Ok(self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?
+            .map(|m| m.delivery))
+    }
+
+    /// Close: everything taken and not acked goes back to the queue.
+    async fn finish(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// List parked messages matching `filter` (nothing is changed).
+pub async fn list(
+    url: &str,
+    names: &Names,
+    filter: &Filter,
+    limit: usize,
+) -> Result<Vec<Parked>, ParkedError> {
+    let mut session = Session::open(url, names).await?;
+    let now = Utc::now();
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(delivery) = session.next(&names.parked_queue).await? else {
+            break;
+        };
+        let parked = describe(&delivery);
+        if filter.matches(&parked, now) {
+            out.push((parked, masked_body(&delivery.data)));
+        }
+    }
+    session.finish().await;
+    Ok(out
+        .into_iter()
+        .map(|(mut p, body)| {
+            p.headers.insert("body".into(), body.into());
+            p
+        })
+        .collect())
+}
+
+/// Outcome of a replay or purge.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Report {
+    pub examined: u64,
+    pub matched: u64,
+    pub replayed: u64,
+    pub purged: u64,
+}
+
+/// Republish matching messages to the events exchange (confirmed), then ack the parked copy.
+/// With `dry_run`, count only. `rate` limits replays per second (0 = unlimited).
+pub async fn replay(
+    url: &str,
+    names: &Names,
+    filter: &Filter,
+    dry_run: bool,
+    rate: f64,
+) -> Result<Report, ParkedError> {
+    let shutdown = Shutdown::new();
+    let publisher = Publisher::start(
+        url,
+        "catena-ingest parked replay",
+        names.clone(),
+        1,
+        shutdown.clone(),
+    );
+    if !publisher.wait_ready(Duration::from_secs(10)).await {
+        shutdown.trigger();
+        return Err(ParkedError::NotReady);
+    }
+    let result = walk(
+        url,
+        names,
+        filter,
+        dry_run,
+        |delivery| {
+            let publisher = publisher.clone();
+            let exchange = names.events_exchange.clone();
+            async move {
+                let parked = describe(&delivery);
+                let properties = replay_properties(&delivery.properties);
+                publisher
+                    .publish(
+                        &exchange,
+                        &parked.event_name,
+                        &delivery.data,
+                        properties,
+                        Duration::from_secs(5),
+                    )
+                    .await
+            }
+        },
+        rate,
+    )
+    .await;
+    shutdown.trigger();
+    result.map(|mut r| {
+        r.replayed = if dry_run { 0 } else { r.matched };
+        r
+    })
+}
+
+/// Drop matching messages for good.
+pub async fn purge(url: &str, names: &Names, filter: &Filter) -> Result<Report, ParkedError> {
+    walk(url, names, filter, false, |_| async { Ok(()) }, 0.0)
+        .await
+        .map(|mut r| {
+            r.purged = r.matched;
+            r
+        })
+}
+
+async fn walk<F, Fut>(
+    url: &str,
+    names: &Names,
+    filter: &Filter,
+    dry_run: bool,
+    mut act: F,
+    rate: f64,
+) -> Result<Report, ParkedError>
+where
+    F: FnMut(Delivery) -> Fut,
+    Fut: std::future::Future<Output = Result<(), PublishError>>,
+{
+    let mut session = Session::open(url, names).await?;
+    let now = Utc::now();
+    let started = std::time::Instant::now();
+    let mut report = Report::default();
+    while let Some(delivery) = session.next(&names.parked_queue).await? {
+        report.examined += 1;
+        if !filter.matches(&describe(&delivery), now) {
+            continue; // held unacked; back to the queue at finish
+        }
+        report.matched += 1;
+        if dry_run {
+            continue;
+        }
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(report.matched as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let tag = delivery.delivery_tag;
+        if let Err(error) = act(delivery).await {
+            session.finish().await;
+            return Err(error.into());
+        }
+        session
+            .channel
+            .basic_ack(tag, BasicAckOptions::default())
+            .await?;
+    }
+    session.finish().await;
+    Ok(report)
+}
+
+/// A replayed copy starts afresh: park headers and our attempt counter are dropped, and the
+/// broker's own `x-death` history too (it is not ours to carry).
+fn replay_properties(original: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(table) = original.headers() {
+        for (key, value) in table.inner() {
+            let k = key.as_str();
+            if k.starts_with("x-park")
+                || k == ATTEMPTS_HEADER
+                || k == "x-death"
+                || k.starts_with("x-first-death")
+                || k.starts_with("x-last-death")
+            {
+                continue;
+            }
+            headers.insert(key.clone(), value.clone());
+        }
+    }
+    headers.insert(
+        "x-replayed-at".into(),
+        AMQPValue::LongString(Utc::now().to_rfc3339().as_str().into()),
+    );
+    original.clone().with_headers(headers)
+}
+
+/// Print a table of parked messages.
+pub fn print_table(items: &[Parked]) {
+    println!(
+        "{:<36}  {:<26}  {:<22}  {:<25}  {:>8}",
+        "ID", "EVENT", "REASON", "PARKED_AT", "ATTEMPTS"
+    );
+    for p in items {
+        println!(
+            "{:<36}  {:<26}  {:<22}  {:<25}  {:>8}",
+            p.id,
+            p.event_name,
+            p.reason,
+            p.parked_at
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_else(|| "-".into()),
+            p.attempts
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    println!("({} messages)", items.len());
+}
