@@ -4,6 +4,7 @@
 //! into these; integration tests drive the same entry points in-process.
 
 pub mod alerts;
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod db;

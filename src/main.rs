@@ -269,6 +269,33 @@ struct SendArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+
+    /// Load mode: send this many events from an endless generated stream (no duplicates).
+    #[arg(long, conflicts_with = "file")]
+    count: Option<usize>,
+
+    /// Load mode: send for this long (with --count, whichever ends first).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "file")]
+    duration: Option<Duration>,
+
+    /// `http` posts to the relay like Catena; `amqp` publishes with confirm straight to the
+    /// broker (the broker-only baseline, and a fast way to build a backlog).
+    #[arg(long, value_enum, default_value = "http")]
+    target: SendTarget,
+
+    /// After sending, wait for the events to be committed in this database and report end-to-end
+    /// throughput and processed_at - received_at percentiles.
+    #[arg(long)]
+    report_db: Option<String>,
+
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SendTarget {
+    Http,
+    Amqp,
 }
 
 #[tokio::main]
@@ -561,7 +588,10 @@ async fn run_send(args: SendArgs) -> anyhow::Result<()> {
     options.timeout = args.timeout;
     options.gzip = !args.no_gzip;
 
-    let outgoing = if let Some(path) = &args.file {
+    let started_at = chrono::Utc::now();
+    let (outgoing, count): (Box<dyn Iterator<Item = Outgoing> + Send>, usize) = if let Some(path) =
+        &args.file
+    {
         let mut body = Vec::new();
         if path.as_os_str() == "-" {
             std::io::stdin().read_to_end(&mut body)?;
@@ -572,36 +602,98 @@ async fn run_send(args: SendArgs) -> anyhow::Result<()> {
             serde_json::from_slice(&body).context("the file is not JSON")?;
         let event_name = envelope["event_name"].as_str().unwrap_or("unknown");
         let webhook_id = envelope["webhook_id"].as_str().unwrap_or(&args.webhook_id);
-        vec![Outgoing::new(event_name, webhook_id, body.clone())]
+        (
+            Box::new(std::iter::once(Outgoing::new(
+                event_name,
+                webhook_id,
+                body.clone(),
+            ))),
+            1,
+        )
     } else {
         let mut scenario_options = ScenarioOptions::new(args.fleets, args.seed);
         scenario_options.webhook_id = args.webhook_id.clone();
         scenario_options.ref_prefix = args.ref_prefix.clone().unwrap_or_else(|| {
             format!("FLEET-{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
         });
-        let events = scenario::generate(&scenario_options);
-        let deliveries = if args.duplicates > 0.0 || args.shuffle {
-            scenario::duplicated_and_shuffled(&events, args.duplicates, args.seed)
+        if args.count.is_some() || args.duration.is_some() {
+            // Load mode: endless fleets, generated lazily, each event once in order.
+            scenario_options.fleets = 0;
+            let count = args.count.unwrap_or(usize::MAX);
+            eprintln!(
+                "load: up to {count} events{}",
+                args.duration
+                    .map(|d| format!(" for {d:?}"))
+                    .unwrap_or_default()
+            );
+            let stream = scenario::stream(&scenario_options)
+                .take(count)
+                .map(|e| Outgoing::new(&e.event_name, e.webhook_id(), e.body(1)));
+            (Box::new(stream), count)
         } else {
-            scenario::in_order(&events)
-        };
-        eprintln!(
-            "sending {} deliveries of {} events for {} fleets (refs {}-*)",
-            deliveries.len(),
-            events.len(),
-            args.fleets,
-            scenario_options.ref_prefix
-        );
-        deliveries
-            .iter()
-            .map(|d| Outgoing::from_delivery(&events, d))
-            .collect()
+            let events = scenario::generate(&scenario_options);
+            let deliveries = if args.duplicates > 0.0 || args.shuffle {
+                scenario::duplicated_and_shuffled(&events, args.duplicates, args.seed)
+            } else {
+                scenario::in_order(&events)
+            };
+            eprintln!(
+                "sending {} deliveries of {} events for {} fleets (refs {}-*)",
+                deliveries.len(),
+                events.len(),
+                args.fleets,
+                scenario_options.ref_prefix
+            );
+            let outgoing: Vec<_> = deliveries
+                .iter()
+                .map(|d| Outgoing::from_delivery(&events, d))
+                .collect();
+            let n = outgoing.len();
+            (Box::new(outgoing.into_iter()), n)
+        }
     };
-    let report = send::send_all(&options, outgoing).await;
+    let deadline = args.duration.map(|d| std::time::Instant::now() + d);
+    let broker_shutdown = Shutdown::new();
+    let target = match args.target {
+        SendTarget::Http => send::Target::Http(send::client(&options)),
+        SendTarget::Amqp => {
+            let names = args.broker.names();
+            let publisher = catena_ingest::broker::Publisher::start(
+                &args.broker.amqp_url,
+                "catena-ingest send",
+                names.clone(),
+                4,
+                broker_shutdown.clone(),
+            );
+            if !publisher.wait_ready(Duration::from_secs(10)).await {
+                bail!("cannot reach RabbitMQ at the configured AMQP_URL");
+            }
+            send::Target::Amqp {
+                publisher,
+                exchange: names.events_exchange,
+            }
+        }
+    };
+    let report = send::send_to(&options, target, outgoing, count, deadline).await;
+    broker_shutdown.trigger();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         report.print();
+    }
+    if let Some(db) = &args.report_db {
+        let e2e = catena_ingest::bench::end_to_end(
+            db,
+            started_at,
+            report.accepted as i64,
+            Duration::from_secs(10),
+        )
+        .await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&e2e)?);
+        } else {
+            e2e.print();
+        }
     }
     if report.failed > 0 || report.rejected > 0 {
         std::process::exit(1);

@@ -79,18 +79,27 @@ impl ScenarioOptions {
 
 /// Generate the events of `fleets` lifecycles in causal order.
 pub fn generate(options: &ScenarioOptions) -> Vec<Event> {
+    stream(options).collect()
+}
+
+/// Events of `options.fleets` lifecycles (or endless fleets when `fleets == 0`), generated a
+/// fleet at a time so a million-event load run never holds them all.
+pub fn stream(options: &ScenarioOptions) -> impl Iterator<Item = Event> + use<> {
+    let options = options.clone();
     let mut rng = StdRng::seed_from_u64(options.seed);
-    let mut out = Vec::with_capacity(options.fleets * 16);
-    for fleet in 0..options.fleets {
-        let mut g = Generator {
-            rng: &mut rng,
-            out: &mut out,
-            webhook_id: &options.webhook_id,
-            clock: options.start + Duration::milliseconds(fleet as i64 * 1_000),
-        };
-        g.fleet(&format!("{}-{fleet}", options.ref_prefix));
-    }
-    out
+    (0..)
+        .take_while(move |fleet| options.fleets == 0 || *fleet < options.fleets)
+        .flat_map(move |fleet| {
+            let mut out = Vec::with_capacity(24);
+            let mut g = Generator {
+                rng: &mut rng,
+                out: &mut out,
+                webhook_id: &options.webhook_id,
+                clock: options.start + Duration::milliseconds(fleet as i64 * 1_000),
+            };
+            g.fleet(&format!("{}-{fleet}", options.ref_prefix));
+            out
+        })
 }
 
 /// Every event once, in causal order.

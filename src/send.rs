@@ -133,18 +133,62 @@ pub fn client(options: &SendOptions) -> reqwest::Client {
 
 /// Send every request, `concurrency` at a time, at most `rate` per second.
 pub async fn send_all(options: &SendOptions, outgoing: Vec<Outgoing>) -> SendReport {
-    let client = client(options);
+    let count = outgoing.len();
+    send_stream(options, outgoing.into_iter(), count, None).await
+}
+
+/// Where `send` delivers.
+#[derive(Clone)]
+pub enum Target {
+    /// POST to the relay, as Catena does.
+    Http(reqwest::Client),
+    /// Publish with confirm straight to the broker (the broker-only baseline).
+    Amqp {
+        publisher: crate::broker::Publisher,
+        exchange: String,
+    },
+}
+
+/// Send from an iterator (generated lazily), stopping at `deadline` if given.
+pub async fn send_stream(
+    options: &SendOptions,
+    outgoing: impl Iterator<Item = Outgoing>,
+    count_hint: usize,
+    deadline: Option<Instant>,
+) -> SendReport {
+    send_to(
+        options,
+        Target::Http(client(options)),
+        outgoing,
+        count_hint,
+        deadline,
+    )
+    .await
+}
+
+pub async fn send_to(
+    options: &SendOptions,
+    target: Target,
+    outgoing: impl Iterator<Item = Outgoing>,
+    count_hint: usize,
+    deadline: Option<Instant>,
+) -> SendReport {
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let shared = Arc::new(Mutex::new(Shared {
         report: SendReport {
-            deliveries: outgoing.len() as u64,
+            deliveries: count_hint as u64,
             ..Default::default()
         },
         histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
     }));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, out) in outgoing.into_iter().enumerate() {
+    let mut sent = 0usize;
+    for (index, out) in outgoing.enumerate() {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        sent += 1;
         if options.rate > 0.0 {
             let due = started + Duration::from_secs_f64(index as f64 / options.rate);
             tokio::time::sleep_until(due.into()).await;
@@ -154,10 +198,16 @@ pub async fn send_all(options: &SendOptions, outgoing: Vec<Outgoing>) -> SendRep
             .acquire_owned()
             .await
             .expect("semaphore open");
-        let (client, options, shared) = (client.clone(), options.clone(), shared.clone());
+        let (target, options, shared) = (target.clone(), options.clone(), shared.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            deliver(&client, &options, index, out, &shared).await;
+            match &target {
+                Target::Http(client) => deliver(client, &options, index, out, &shared).await,
+                Target::Amqp {
+                    publisher,
+                    exchange,
+                } => publish(publisher, exchange, index, out, &shared).await,
+            }
         });
         // Reap finished tasks as we go so the set stays small on long runs.
         while tasks.try_join_next().is_some() {}
@@ -169,6 +219,7 @@ pub async fn send_all(options: &SendOptions, outgoing: Vec<Outgoing>) -> SendRep
         .expect("all tasks finished")
         .into_inner();
     let mut report = shared.report;
+    report.deliveries = sent as u64;
     let h = shared.histogram;
     report.elapsed_seconds = elapsed;
     report.accepted_per_second = report.accepted as f64 / elapsed.max(1e-9);
@@ -179,6 +230,63 @@ pub async fn send_all(options: &SendOptions, outgoing: Vec<Outgoing>) -> SendRep
     report.latency_ms_max = h.max() as f64 / 1000.0;
     report.accepted_deliveries.sort_unstable();
     report
+}
+
+/// Broker-only path: the relay's publish (same headers, persistent, mandatory, confirmed).
+async fn publish(
+    publisher: &crate::broker::Publisher,
+    exchange: &str,
+    index: usize,
+    out: Outgoing,
+    shared: &Mutex<Shared>,
+) {
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut headers = FieldTable::default();
+    let now = Utc::now();
+    for (name, value) in [
+        ("x-webhook-id", out.webhook_id.as_str()),
+        ("x-event-type", out.event_name.as_str()),
+        ("x-delivery-attempt", "1"),
+    ] {
+        headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    headers.insert(
+        crate::relay::RECEIVED_AT_HEADER.into(),
+        AMQPValue::LongString(
+            now.to_rfc3339_opts(SecondsFormat::Micros, true)
+                .as_str()
+                .into(),
+        ),
+    );
+    let properties = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    let t0 = Instant::now();
+    let result = publisher
+        .publish(
+            exchange,
+            &out.event_name,
+            &out.body,
+            properties,
+            Duration::from_secs(5),
+        )
+        .await;
+    let micros = t0.elapsed().as_micros() as u64;
+    let mut s = shared.lock().await;
+    s.report.requests += 1;
+    let _ = s.histogram.record(micros.max(1));
+    let label = if result.is_ok() {
+        "confirmed"
+    } else {
+        "failed"
+    };
+    *s.report.statuses.entry(label.to_owned()).or_default() += 1;
+    if result.is_ok() {
+        s.report.accepted += 1;
+        s.report.accepted_deliveries.push(index);
+    } else {
+        s.report.failed += 1;
+    }
 }
 
 async fn deliver(
