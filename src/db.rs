@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "event_fleet",
         include_str!("../migrations/0003_event_fleet.sql"),
     ),
+    (4, "indexes", include_str!("../migrations/0004_indexes.sql")),
 ];
 
 /// Serialises concurrent `migrate` runs (any 64-bit constant unique to this app).

@@ -577,7 +577,10 @@ fn send_secret(args: &SendArgs) -> anyhow::Result<String> {
 }
 
 async fn run_send(args: SendArgs) -> anyhow::Result<()> {
-    let secret = send_secret(&args)?;
+    let secret = match args.target {
+        SendTarget::Http => send_secret(&args)?,
+        SendTarget::Amqp => String::new(), // the broker path carries no signature
+    };
     let mut options = SendOptions::new(
         &format!("{}{}", args.url.trim_end_matches('/'), relay::WEBHOOK_PATH),
         &secret,
