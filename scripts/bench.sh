@@ -36,7 +36,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rabbitmqctl -q list_queues name 2>/dev/null | grep "^$RUN\." | while read -r q; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+  rabbitmqctl -q list_queues name 2>/dev/null | grep "^$RUN\." | while read -r q; do rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
   rabbitmqctl -q delete_exchange "$RUN.events" >/dev/null 2>&1 || true 2>/dev/null
   psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS catena_$RUN WITH (FORCE)" postgres >/dev/null 2>&1 || true
 }

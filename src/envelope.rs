@@ -13,6 +13,14 @@ use uuid::Uuid;
 /// Highest schema major version this build understands.
 pub const SUPPORTED_MAJOR: u32 = 1;
 
+/// Records per envelope beyond which a message is parked rather than applied: Catena sends
+/// one or a few; a hundred thousand is a bug or an attack, and one transaction should not carry it.
+pub const MAX_RECORDS: usize = 10_000;
+
+/// Largest accepted record (JSON bytes). Real records are under 2 KiB; megabyte strings are
+/// parked instead of stored.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("body is not a JSON envelope: {0}")]
@@ -339,10 +347,30 @@ fn records<'a, T: Deserialize<'a>>(
             index: 0,
             reason: "`data` is not an array".into(),
         })?;
+    let invalid = |index, reason: String| DecodeError::InvalidRecord {
+        event_name: event_name.to_owned(),
+        index,
+        reason,
+    };
+    if items.len() > MAX_RECORDS {
+        return Err(invalid(
+            MAX_RECORDS,
+            format!("{} records exceed the limit of {MAX_RECORDS}", items.len()),
+        ));
+    }
     items
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
+            if item.get().len() > MAX_RECORD_BYTES {
+                return Err(invalid(
+                    index,
+                    format!(
+                        "record of {} bytes exceeds {MAX_RECORD_BYTES}",
+                        item.get().len()
+                    ),
+                ));
+            }
             serde_json::from_str(item.get()).map_err(|e| DecodeError::InvalidRecord {
                 event_name: event_name.to_owned(),
                 index,

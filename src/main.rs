@@ -623,16 +623,18 @@ async fn run_send(args: SendArgs) -> anyhow::Result<()> {
             // Load mode: endless fleets, generated lazily, each event once in order.
             scenario_options.fleets = 0;
             let count = args.count.unwrap_or(usize::MAX);
-            eprintln!(
-                "load: up to {count} events{}",
-                args.duration
-                    .map(|d| format!(" for {d:?}"))
-                    .unwrap_or_default()
-            );
             let stream = scenario::stream(&scenario_options)
                 .take(count)
                 .map(|e| Outgoing::new(&e.event_name, e.webhook_id(), e.body(1)));
-            (Box::new(stream), count)
+            if args.count.is_some() && args.target == SendTarget::Http {
+                // A counted run prepares (gzip + sign) every request before the clock starts.
+                let prepared: Vec<_> = stream.map(|o| o.prepare(&options)).collect();
+                eprintln!("load: {} prepared requests", prepared.len());
+                (Box::new(prepared.into_iter()), count)
+            } else {
+                eprintln!("load: up to {count} events");
+                (Box::new(stream), count)
+            }
         } else {
             let events = scenario::generate(&scenario_options);
             let deliveries = if args.duplicates > 0.0 || args.shuffle {

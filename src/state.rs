@@ -338,6 +338,9 @@ SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timesta
 ON CONFLICT (event_key) DO NOTHING
 RETURNING event_key";
 
+/// In debug builds, an event with this name panics the handler (see [`apply_batch`]).
+pub const TEST_PANIC_EVENT: &str = "catena-ingest.test-panic";
+
 /// Tunable state rules.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
@@ -881,6 +884,12 @@ pub async fn apply_batch(
     batch: &[Incoming<'_>],
     rules: &Rules,
 ) -> Result<BatchResult, DbError> {
+    // Debug builds only: a way for tests to make the handler panic on one message, to prove a
+    // poison message is isolated and parked instead of crash-looping the pool.
+    #[cfg(debug_assertions)]
+    if batch.iter().any(|i| i.event.event_name == TEST_PANIC_EVENT) {
+        panic!("test panic requested by a `{TEST_PANIC_EVENT}` event");
+    }
     let mut result = BatchResult {
         applied: vec![Applied::Duplicate; batch.len()],
         alerts_opened: Vec::new(),

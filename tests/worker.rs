@@ -201,3 +201,46 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     drop_db(&db).await;
     drop_db(&reference).await;
 }
+
+#[tokio::test]
+async fn a_message_that_panics_the_handler_is_parked_and_the_pool_goes_on() {
+    let names = Names::new(&unique("panic"));
+    let db = fresh_db("panic").await;
+    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
+    let (worker, stop_worker) = spawn_worker(names.clone(), &db, AMQP_URL).await;
+    let client = reqwest::Client::new();
+    let poison = format!(
+        r#"{{"version":"1.0","event_name":"{}","webhook_id":"{WEBHOOK_ID}","id":"019abf9d-0000-7000-8000-00000000dead","data":[]}}"#,
+        catena_ingest::state::TEST_PANIC_EVENT
+    );
+    for body in [
+        fixture("events/01-invitation.created.json"),
+        poison.into_bytes(),
+        fixture("events/05-connection.created.json"),
+    ] {
+        assert_eq!(Post::new(&body).send(&client, &relay.url).await, 202);
+    }
+    assert_eq!(
+        wait_for_count(&db, EVENTS, 2, Duration::from_secs(30)).await,
+        2
+    );
+    let parked = drain(&names.parked_queue, Duration::from_secs(2)).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].headers["x-park-reason"], "handler_panic");
+    // The pool keeps working after the panic.
+    assert_eq!(
+        Post::new(&fixture("events/06-fleet_connection.created.json"))
+            .send(&client, &relay.url)
+            .await,
+        202
+    );
+    assert_eq!(
+        wait_for_count(&db, EVENTS, 3, Duration::from_secs(30)).await,
+        3
+    );
+    stop_worker.trigger();
+    worker.handle.await.unwrap();
+    relay.stop().await;
+    delete_topology(&names).await;
+    drop_db(&db).await;
+}
