@@ -338,6 +338,67 @@ SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timesta
 ON CONFLICT (event_key) DO NOTHING
 RETURNING event_key";
 
+/// Takes the advisory locks in array order (the caller sorts them).
+const ENTITY_LOCKS: &str =
+    "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) WITH ORDINALITY AS l(k, n)";
+
+/// Advisory lock keys for the rows an event can write: one per entity, salted per kind so a
+/// fleet and a connection with equal ids do not share a key (a collision would only serialise).
+fn entity_locks(event: &Event) -> Vec<i64> {
+    fn key(kind: u64, id: Uuid) -> i64 {
+        let (hi, lo) = id.as_u64_pair();
+        (hi ^ lo.rotate_left(17) ^ kind.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64
+    }
+    const INVITATION: u64 = 1;
+    const FLEET: u64 = 2;
+    const SHARE: u64 = 3;
+    const CONNECTION: u64 = 4;
+    const FLEET_CONNECTION: u64 = 5;
+    const SCHEDULE: u64 = 6;
+    const EXECUTION: u64 = 7;
+    let mut keys = Vec::new();
+    match &event.change {
+        Change::Invitation(_, records) => {
+            for r in records {
+                keys.push(key(INVITATION, r.id));
+                keys.extend(r.fleet_id.map(|f| key(FLEET, f)));
+            }
+        }
+        Change::ShareAgreement(records) => {
+            for r in records {
+                keys.push(key(SHARE, r.id));
+                keys.push(key(FLEET, r.fleet_id));
+                keys.extend(r.invitation_id.map(|i| key(INVITATION, i)));
+            }
+        }
+        Change::Connection { records, .. } => {
+            keys.extend(records.iter().map(|r| key(CONNECTION, r.id)));
+        }
+        Change::FleetConnection(records) => {
+            for r in records {
+                keys.push(key(FLEET_CONNECTION, r.id));
+                keys.push(key(FLEET, r.fleet_id));
+                keys.push(key(CONNECTION, r.connection_id));
+            }
+        }
+        Change::ExecutionFailed(records) => {
+            for r in records {
+                keys.push(key(EXECUTION, r.id));
+                keys.push(key(SCHEDULE, r.schedule_id));
+                keys.extend(r.connection_id.map(|c| key(CONNECTION, c)));
+            }
+        }
+        Change::ScheduleDeactivated(records) => {
+            for r in records {
+                keys.push(key(SCHEDULE, r.id));
+                keys.push(key(CONNECTION, r.connection_id));
+            }
+        }
+        Change::Ignored => {}
+    }
+    keys
+}
+
 /// In debug builds, an event with this name panics the handler (see [`apply_batch`]).
 pub const TEST_PANIC_EVENT: &str = "catena-ingest.test-panic";
 
@@ -929,6 +990,20 @@ pub async fn apply_batch(
         });
         received.push(batch[i].received_at);
         fleets.push(e.fleet_id());
+    }
+    // Lock every entity the batch may touch, in one sorted sweep, before writing anything.
+    // Concurrent batches (other consumers, other replicas) then queue on these locks in a
+    // single global order instead of taking row locks in different orders and deadlocking,
+    // which PostgreSQL only breaks after deadlock_timeout (1 s) and which cost a retry.
+    let mut locks: Vec<i64> = unique
+        .iter()
+        .flat_map(|&i| entity_locks(batch[i].event))
+        .collect();
+    locks.sort_unstable();
+    locks.dedup();
+    if !locks.is_empty() {
+        let lock = tx.prepare_cached(ENTITY_LOCKS).await?;
+        tx.execute(&lock, &[&locks]).await?;
     }
     let dedup = tx.prepare_cached(DEDUP_INSERT).await?;
     let fresh: std::collections::HashSet<String> = tx
