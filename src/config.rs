@@ -153,6 +153,10 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_MAX_CONCURRENCY", default_value_t = 4096)]
     pub max_concurrency: usize,
 
+    /// Deadline for receiving a request's headers (slowloris guard: the connection is closed).
+    #[arg(long, env = "RELAY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
     /// Deadline for reading a request body (slow clients get 408).
     #[arg(long, env = "RELAY_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,

@@ -429,6 +429,7 @@ fn relay_config_with(
     config.publish_channels = relay.publish_channels;
     config.max_concurrency = relay.max_concurrency;
     config.body_timeout = relay.body_timeout;
+    config.header_timeout = relay.header_timeout;
     config
 }
 

@@ -66,6 +66,8 @@ pub struct RelayConfig {
     pub publish_channels: usize,
     pub max_concurrency: usize,
     pub body_timeout: Duration,
+    /// A client must deliver its request headers within this (slowloris guard).
+    pub header_timeout: Duration,
     pub window: Window,
 }
 
@@ -82,6 +84,7 @@ impl RelayConfig {
             publish_channels: 4,
             max_concurrency: 4096,
             body_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
             window: Window::default(),
         }
     }
@@ -123,14 +126,10 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
         publisher: publisher.clone(),
         registry,
     });
+    let header_timeout = state.config.header_timeout;
     let app = router(state);
     let handle = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.wait().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "relay server failed");
-        }
+        serve(listener, app, header_timeout, shutdown).await;
         broker_shutdown.trigger();
         tracing::info!("relay stopped");
     });
@@ -140,6 +139,53 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
         publisher,
         handle,
     })
+}
+
+/// Headers larger than this are refused (hyper answers 431).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// HTTP/1.1 with keep-alive, a header-read deadline (slowloris) and a header size cap; on
+/// shutdown stop accepting, let in-flight requests finish (up to 30 s), then return.
+async fn serve(listener: TcpListener, app: Router, header_timeout: Duration, shutdown: Shutdown) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = watched.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within 30 s");
+    }
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -258,6 +304,18 @@ async fn handle(
     body: Body,
 ) -> Result<(), Refusal> {
     let config = &state.config;
+    // hyper bounds what it buffers; this bounds what we accept (431, like hyper would).
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return Err(Refusal::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "bad_request",
+            format!("request headers exceed {MAX_HEADER_BYTES} bytes"),
+        ));
+    }
     if method != Method::POST {
         return Err(Refusal::new(
             StatusCode::METHOD_NOT_ALLOWED,

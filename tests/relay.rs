@@ -233,3 +233,79 @@ async fn broker_cut_means_503_then_recovery_without_restart() {
     relay.stop().await;
     delete_topology(&names).await;
 }
+
+#[tokio::test]
+async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let names = Names::new(&unique("relay_abuse"));
+    let mut config = catena_ingest::relay::RelayConfig::new(
+        "127.0.0.1:0",
+        AMQP_URL,
+        names.clone(),
+        catena_ingest::secrets::SecretStore::parse(&secrets()).unwrap(),
+    );
+    config.header_timeout = Duration::from_millis(500);
+    let relay = spawn_relay_with(config).await;
+    let addr = relay.running.addr;
+
+    // Slowloris: half a request line of headers, then nothing. The relay hangs up.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /webhooks/catena HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection is closed, not held open");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // 100 KB of headers: refused.
+    let mut huge = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /webhooks/catena HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\nContent-Length: 0\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let _ = huge.write_all(request.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), huge.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+
+    // Two pipelined requests on one keep-alive connection: two answers, in order.
+    let body = fixture("events/05-connection.created.json");
+    let ts = chrono::Utc::now().to_rfc3339();
+    let sig = catena_ingest::signature::sign(SECRET.as_bytes(), &ts, &body);
+    let one = |body: &[u8]| {
+        let mut r = format!(
+            "POST /webhooks/catena HTTP/1.1\r\nHost: x\r\nX-Webhook-ID: {WEBHOOK_ID}\r\nX-Catena-Timestamp: {ts}\r\nX-Catena-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let mut pipelined = one(&body);
+    pipelined.extend(one(&body));
+    pipelined.extend(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(&pipelined).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&response);
+    assert_eq!(text.matches("HTTP/1.1 202").count(), 2, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 1, "{text}");
+    assert_eq!(
+        drain(&names.events_queue, Duration::from_millis(500))
+            .await
+            .len(),
+        2
+    );
+    relay.stop().await;
+    delete_topology(&names).await;
+}
