@@ -392,7 +392,7 @@ async fn handle(
     // 5. Publish. Authentic but unparseable bodies are still published (and parked by the
     // worker) so nothing Catena sent is silently dropped.
     let routing_key = routing_key(&body, headers);
-    let properties = properties(headers, body.len());
+    let properties = properties(headers);
     let confirm_started = Instant::now();
     let published = state
         .publisher
@@ -482,7 +482,7 @@ fn routing_key(body: &[u8], headers: &HeaderMap) -> String {
     }
 }
 
-fn properties(headers: &HeaderMap, _len: usize) -> BasicProperties {
+fn properties(headers: &HeaderMap) -> BasicProperties {
     let mut table = FieldTable::default();
     for name in FORWARDED_HEADERS {
         if let Some(value) = header_str(headers, name) {

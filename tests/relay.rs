@@ -309,3 +309,48 @@ async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
     relay.stop().await;
     delete_topology(&names).await;
 }
+
+#[tokio::test]
+async fn beyond_the_concurrency_cap_the_answer_is_an_immediate_503() {
+    use tokio::io::AsyncWriteExt;
+    let names = Names::new(&unique("relay_cap"));
+    let mut config = catena_ingest::relay::RelayConfig::new(
+        "127.0.0.1:0",
+        AMQP_URL,
+        names.clone(),
+        catena_ingest::secrets::SecretStore::parse(&secrets()).unwrap(),
+    );
+    config.max_concurrency = 1;
+    let relay = spawn_relay_with(config).await;
+    let client = reqwest::Client::new();
+    let body = fixture("events/05-connection.created.json");
+
+    // Hold the only slot: headers announce a body that never finishes arriving.
+    let mut holder = tokio::net::TcpStream::connect(relay.running.addr)
+        .await
+        .unwrap();
+    holder
+        .write_all(b"POST /webhooks/catena HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    assert_eq!(Post::new(&body).send(&client, &relay.url).await, 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once, not queued"
+    );
+
+    // Slot released: accepted again.
+    drop(holder);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(Post::new(&body).send(&client, &relay.url).await, 202);
+    assert_eq!(
+        drain(&names.events_queue, Duration::from_millis(500))
+            .await
+            .len(),
+        1
+    );
+    relay.stop().await;
+    delete_topology(&names).await;
+}
