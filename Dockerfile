@@ -20,10 +20,10 @@ RUN --mount=type=cache,id=catena-cargo-registry,target=/usr/local/cargo/registry
 
 ############################ runtime ############################
 FROM debian:bookworm-slim AS runtime
-# ca-certificates: TLS to RabbitMQ/PostgreSQL/Alertmanager/webhooks.
+# libssl3 + ca-certificates: TLS to RabbitMQ/PostgreSQL (native-tls links the system OpenSSL).
 # curl: container healthchecks (GET /readyz) in docker-compose.yml.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 curl \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 catena \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

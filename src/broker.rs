@@ -37,10 +37,12 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
-/// Connect with a recognisable connection name (shown in the management UI).
+/// Connect with a recognisable connection name (shown in the management UI). `amqps://` URLs
+/// take their TLS files from the URL (see [`crate::tls`]).
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    let tls = crate::tls::amqp_tls_config(url)?;
+    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
 }
 
 /// Exponential backoff for reconnect loops: 100 ms doubling to 5 s, forever.

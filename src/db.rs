@@ -1,11 +1,12 @@
 //! PostgreSQL: the connection pool, error classification and embedded migrations.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Config, NoTls};
+
+use crate::tls::{self, PostgresTarget};
 
 /// Versioned migrations, applied in order, each once, each in its own transaction.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -84,18 +85,39 @@ fn classify_pg(error: &tokio_postgres::Error) -> Failure {
     }
 }
 
+fn target(database_url: &str) -> Result<PostgresTarget, DbError> {
+    tls::postgres_target(database_url).map_err(|e| DbError::Config(e.to_string()))
+}
+
+/// One connection outside the pool (migrations, CREATE DATABASE), with its driver task.
+async fn connect(
+    target: PostgresTarget,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), DbError> {
+    Ok(match target.tls {
+        Some(tls) => {
+            let (client, connection) = target.config.connect(tls).await?;
+            (client, tokio::spawn(async move { drop(connection.await) }))
+        }
+        None => {
+            let (client, connection) = target.config.connect(NoTls).await?;
+            (client, tokio::spawn(async move { drop(connection.await) }))
+        }
+    })
+}
+
 /// A pool whose connections are checked before reuse, so a restarted server is noticed.
 pub fn pool(database_url: &str, size: usize) -> Result<Pool, DbError> {
-    let mut config = Config::from_str(database_url).map_err(|e| DbError::Config(e.to_string()))?;
+    let target = target(database_url)?;
+    let mut config = target.config;
     config.application_name("catena-ingest");
     config.connect_timeout(Duration::from_secs(5));
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match target.tls {
+        Some(tls) => Manager::from_config(config, tls, manager_config),
+        None => Manager::from_config(config, NoTls, manager_config),
+    };
     Pool::builder(manager)
         .max_size(size.max(1))
         .runtime(Runtime::Tokio1)
@@ -108,15 +130,14 @@ pub fn pool(database_url: &str, size: usize) -> Result<Pool, DbError> {
 
 /// Create the database named in `database_url` if it does not exist.
 pub async fn create_database_if_missing(database_url: &str) -> Result<(), DbError> {
-    let config = Config::from_str(database_url).map_err(|e| DbError::Config(e.to_string()))?;
-    let name = config
+    let mut admin = target(database_url)?;
+    let name = admin
+        .config
         .get_dbname()
         .ok_or_else(|| DbError::Config("DATABASE_URL names no database".into()))?
         .to_owned();
-    let mut admin = config.clone();
-    admin.dbname("postgres");
-    let (client, connection) = admin.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
+    admin.config.dbname("postgres");
+    let (client, driver) = connect(admin).await?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?
@@ -139,9 +160,7 @@ pub async fn create_database_if_missing(database_url: &str) -> Result<(), DbErro
 /// runs serialise on an advisory lock.
 pub async fn migrate(database_url: &str) -> Result<Vec<i32>, DbError> {
     create_database_if_missing(database_url).await?;
-    let config = Config::from_str(database_url).map_err(|e| DbError::Config(e.to_string()))?;
-    let (mut client, connection) = config.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
+    let (mut client, driver) = connect(target(database_url)?).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;

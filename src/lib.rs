@@ -22,5 +22,6 @@ pub mod shutdown;
 pub mod signature;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 pub mod worker;
