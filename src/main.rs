@@ -288,6 +288,16 @@ struct SendArgs {
     #[arg(long)]
     report_db: Option<String>,
 
+    /// With --count: write the signed, compressed requests to this file for
+    /// `scripts/wrk-corpus.lua` (wrk replays them) instead of sending them.
+    #[arg(long, requires = "count", conflicts_with = "report_since")]
+    wrk_corpus: Option<PathBuf>,
+
+    /// With --report-db: send nothing, report the events received since this RFC 3339 time
+    /// (waiting for --count of them to commit), e.g. after a wrk run.
+    #[arg(long, requires = "report_db")]
+    report_since: Option<chrono::DateTime<chrono::Utc>>,
+
     #[command(flatten)]
     broker: BrokerArgs,
 }
@@ -297,6 +307,12 @@ enum SendTarget {
     Http,
     Amqp,
 }
+
+/// mimalloc instead of glibc malloc: under load glibc spent ~19% of the relay's CPU in
+/// malloc/free/consolidate (perf, README "Performance"); mimalloc's per-thread free lists
+/// suit a runtime that allocates on one thread and frees on another.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -578,6 +594,17 @@ fn send_secret(args: &SendArgs) -> anyhow::Result<String> {
 }
 
 async fn run_send(args: SendArgs) -> anyhow::Result<()> {
+    if let (Some(since), Some(db)) = (args.report_since, &args.report_db) {
+        let expected = args.count.unwrap_or(0) as i64;
+        let e2e =
+            catena_ingest::bench::end_to_end(db, since, expected, Duration::from_secs(10)).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&e2e)?);
+        } else {
+            e2e.print();
+        }
+        return Ok(());
+    }
     let secret = match args.target {
         SendTarget::Http => send_secret(&args)?,
         SendTarget::Amqp => String::new(), // the broker path carries no signature
@@ -627,6 +654,15 @@ async fn run_send(args: SendArgs) -> anyhow::Result<()> {
             let stream = scenario::stream(&scenario_options)
                 .take(count)
                 .map(|e| Outgoing::new(&e.event_name, e.webhook_id(), e.body(1)));
+            if let Some(path) = &args.wrk_corpus {
+                let (requests, bytes) = send::write_wrk_corpus(path, &options, stream)?;
+                eprintln!(
+                    "wrote {requests} requests ({:.1} MiB) to {}",
+                    bytes as f64 / 1048576.0,
+                    path.display()
+                );
+                return Ok(());
+            }
             if args.count.is_some() && args.target == SendTarget::Http {
                 // A counted run prepares (gzip + sign) every request before the clock starts.
                 let prepared: Vec<_> = stream.map(|o| o.prepare(&options)).collect();

@@ -135,6 +135,53 @@ impl Outgoing {
         self
     }
 
+    /// This request as raw HTTP/1.1 bytes with the headers [`send_to`] sends, for a load
+    /// generator that replays a corpus (wrk). Compresses and signs now if not prepared.
+    pub fn raw_http(&self, options: &SendOptions) -> Vec<u8> {
+        let prepared;
+        let p = match &self.prepared {
+            Some(p) => p,
+            None => {
+                prepared = Self::new(&self.event_name, &self.webhook_id, self.body.clone())
+                    .prepare(options)
+                    .prepared
+                    .expect("just prepared");
+                &prepared
+            }
+        };
+        let without_scheme = options
+            .url
+            .split_once("://")
+            .map_or(&*options.url, |(_, r)| r);
+        let (host, path) = without_scheme
+            .split_once('/')
+            .map_or((without_scheme, "/".to_owned()), |(h, p)| {
+                (h, format!("/{p}"))
+            });
+        let mut raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             User-Agent: Catena-Webhook\r\nAccept: application/json\r\n\
+             X-Catena-Signature: {}\r\nX-Catena-Timestamp: {}\r\nX-Event-Type: {}\r\n\
+             X-Webhook-ID: {}\r\nX-Request-ID: {}\r\nX-Schema-Version: 1.0\r\n\
+             X-Source: catena-notifications\r\nX-Delivery-Attempt: 1\r\n{}\
+             Content-Length: {}\r\n\r\n",
+            p.signature,
+            p.timestamp,
+            self.event_name,
+            self.webhook_id,
+            uuid::Uuid::new_v4(),
+            if options.gzip {
+                "Content-Encoding: gzip\r\n"
+            } else {
+                ""
+            },
+            p.wire_body.len()
+        )
+        .into_bytes();
+        raw.extend_from_slice(&p.wire_body);
+        raw
+    }
+
     pub fn from_delivery(events: &[Event], delivery: &Delivery) -> Self {
         let event = &events[delivery.event];
         Self::new(
@@ -386,4 +433,25 @@ async fn deliver(
             }
         }
     }
+}
+
+/// Write `outgoing` as a corpus for `scripts/wrk-corpus.lua`: each request as its length in
+/// decimal, a newline, then the raw HTTP bytes. Returns (requests, bytes).
+pub fn write_wrk_corpus(
+    path: &std::path::Path,
+    options: &SendOptions,
+    outgoing: impl Iterator<Item = Outgoing>,
+) -> std::io::Result<(usize, u64)> {
+    use std::io::Write;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let (mut requests, mut bytes) = (0usize, 0u64);
+    for out in outgoing {
+        let raw = out.raw_http(options);
+        writeln!(file, "{}", raw.len())?;
+        file.write_all(&raw)?;
+        requests += 1;
+        bytes += raw.len() as u64;
+    }
+    file.flush()?;
+    Ok((requests, bytes))
 }
