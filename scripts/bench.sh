@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
 # Rerunnable benchmark of catena-ingest on this machine, against local RabbitMQ and PostgreSQL.
 #
-#   scripts/bench.sh                # all phases
-#   BACKLOG=200000 DURATION=20 scripts/bench.sh
+#   scripts/bench.sh                            # all phases
+#   PHASES="sat half" DURATION=20 scripts/bench.sh
+#   CEILING_PAIRS=2 scripts/bench.sh            # also A/B against ../shared/tools/ceiling
 #
-# Requests are prepared (gzip + signature) before each timed phase, so the load generator's CPU
-# goes into sending. Everything shares the machine's cores, as the ceiling tool's runs do.
-# Phases: relay alone (no workers: HTTP -> verify -> publish+confirm), end to end at saturation,
-# end to end at half that rate, and a backlog drain (publish BACKLOG events straight to the
-# broker, then start the worker). Prints one table; raw output goes to target/bench/.
-# Memory is the peak RSS (VmHWM) of the relay and worker processes.
+# The HTTP load generator is wrk (Debian package `wrk`, installed if missing), the same one the
+# ceiling tool uses, replaying a corpus of signed, gzipped Catena webhooks that
+# `catena-ingest send --wrk-corpus` writes before each phase (scripts/wrk-corpus.lua). Relay
+# and worker run as separate processes, as in production; everything shares the machine's cores.
+#
+# Phases (PHASES, default all of them):
+#   relay  relay alone (HTTP -> gunzip -> HMAC -> publish+confirm; nothing consumes)
+#   sat    end to end at saturation (wrk -c256, closed loop)
+#   half   end to end at a fixed half of the saturation rate (wrk paced by RATE)
+#   drain  backlog drain: BACKLOG events published straight to the broker, then WORKERS
+#          worker processes (default 1)
+#   ceiling  CEILING_PAIRS A/B pairs: the ceiling tool's minimal pipeline (A), then ours (B)
+# Prints one table; raw output goes to target/bench/<run>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-30}
-COUNT=${COUNT:-150000}
-CONCURRENCY=${CONCURRENCY:-256}
+DURATION=${DURATION:-20}
+CONNECTIONS=${CONNECTIONS:-256}
 BACKLOG=${BACKLOG:-1000000}
+CEILING_PAIRS=${CEILING_PAIRS:-0}
+PHASES=${PHASES:-relay sat half drain}
+[ "$CEILING_PAIRS" -gt 0 ] && PHASES="$PHASES ceiling"
 RELAY_PORT=${RELAY_PORT:-18180}
 METRICS_PORT=${METRICS_PORT:-19190}
+CEILING_DIR=${CEILING_DIR:-../shared/tools/ceiling}
 RUN=bench$(date +%s)
 DB=postgres://postgres@127.0.0.1:5432/catena_$RUN
 OUT=target/bench/$RUN
@@ -27,6 +38,7 @@ export CATENA_NAME_PREFIX=$RUN CATENA_WEBHOOK_SECRETS="*=bench-secret-0123456789
 export DATABASE_URL=$DB RELAY_LISTEN=127.0.0.1:$RELAY_PORT METRICS_LISTEN=127.0.0.1:$METRICS_PORT RUST_LOG=warn
 
 scripts/setup.sh >/dev/null
+command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || sudo apt-get install -y -q wrk >/dev/null; }
 cargo build --release -q
 BIN=target/release/catena-ingest
 $BIN migrate >/dev/null
@@ -36,64 +48,142 @@ pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  rm -f "$OUT"/*.corpus
   rabbitmqctl -q list_queues name 2>/dev/null | grep "^$RUN\." | while read -r q; do rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
-  rabbitmqctl -q delete_exchange "$RUN.events" >/dev/null 2>&1 || true 2>/dev/null
+  rabbitmqctl -q delete_exchange "$RUN.events" >/dev/null 2>&1 || true
   psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS catena_$RUN WITH (FORCE)" postgres >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
 hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 wait_http() { for _ in $(seq 1 100); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done; return 1; }
-purge_events() { rabbitmqctl -q purge_queue "$RUN.events" >/dev/null; }
+queue_len() { rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$RUN.events" '$1 == q {print $2}'; }
 field() { grep -o "\"$2\": [0-9.]*" "$1" | head -n1 | awk '{print $2}'; }
+num() { printf '%.0f' "${1:-0}"; }
 
 start_relay() { $BIN relay >"$OUT/relay.log" 2>&1 & RELAY=$!; pids+=("$RELAY"); wait_http "http://127.0.0.1:$RELAY_PORT/readyz"; }
 start_worker() { $BIN worker --no-migrate >"$OUT/worker.log" 2>&1 & WORKER=$!; pids+=("$WORKER"); wait_http "http://127.0.0.1:$METRICS_PORT/readyz"; }
-send() { $BIN send --url "http://127.0.0.1:$RELAY_PORT" --json "$@"; }
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-echo "run $RUN: duration ${DURATION}s, concurrency $CONCURRENCY, backlog $BACKLOG" | tee "$OUT/summary.txt"
+# corpus NAME COUNT: signed requests for one phase (signatures are valid for 5 minutes).
+corpus() { $BIN send --url "http://127.0.0.1:$RELAY_PORT" --count "$2" --wrk-corpus "$OUT/$1.corpus" 2>/dev/null; }
+# load NAME [RATE]: replay the corpus with wrk; JSON summary to $OUT/NAME.wrk.json.
+load() {
+  SINCE=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)
+  CORPUS="$OUT/$1.corpus" RATE="${2:-0}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" \
+    -s scripts/wrk-corpus.lua "http://127.0.0.1:$RELAY_PORT" >"$OUT/$1.wrk.txt" 2>&1
+  tail -n1 "$OUT/$1.wrk.txt" >"$OUT/$1.wrk.json"
+  rm -f "$OUT/$1.corpus"
+}
+report() { $BIN send --report-db "$DB" --report-since "$SINCE" --count "$(field "$OUT/$1.wrk.json" requests)" --json >"$OUT/$1.e2e.json"; }
+row() { # phase label
+  printf '| %s | %s | %.1f | %.1f | %.1f | %.1f |\n' "$2" \
+    "$(num "$(field "$OUT/$1.e2e.json" events_per_second)")" \
+    "$(field "$OUT/$1.wrk.json" p50_ms)" "$(field "$OUT/$1.wrk.json" p99_ms)" \
+    "$(field "$OUT/$1.e2e.json" lag_ms_p50)" "$(field "$OUT/$1.e2e.json" lag_ms_p99)" >>"$OUT/table.md"
+}
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+# CPU seconds per process name (all processes of that name), for the A/B breakdown.
+cpu_by_name() { for p in /proc/[0-9]*; do c=$(cat "$p/comm" 2>/dev/null) && s=$(awk '{print $14+$15}' "$p/stat" 2>/dev/null) && echo "$c $s"; done | awk '{a[$1]+=$2} END {for (k in a) print k, a[k]/100}' | sort; }
+# cpu_per_event BEFORE AFTER EVENTS: "name us/event" for every process that used >1% of it.
+cpu_per_event() { join "$1" "$2" | awk -v n="$3" '{d=($3-$2)*1e6/n; if (d > 1) printf "%s %.0f us, ", $1, d}'; }
 
-# 1. Relay alone: nothing consumes, the queue just fills.
-start_relay
-send --count "$COUNT" --concurrency "$CONCURRENCY" >"$OUT/relay_alone.json"
-purge_events
+echo "run $RUN: ${DURATION}s per phase, wrk -c$CONNECTIONS, backlog $BACKLOG, phases: $PHASES" | tee "$OUT/summary.txt"
+printf '| phase | events/s | HTTP p50 ms | HTTP p99 ms | receive->commit p50 ms | p99 ms |\n|---|---|---|---|---|---|\n' >"$OUT/table.md"
+RELAY_RSS=- WORKER_RSS=- RELAY_CPU_US=- WORKER_CPU_US=- RELAY_ALONE_RSS=- RELAY_ALONE_CPU_US=- SAT=0
 
-# 2. End to end at saturation.
-start_worker
-send --count "$COUNT" --concurrency "$CONCURRENCY" --report-db "$DB" >"$OUT/e2e_sat.json"
-SAT=$(grep -o '"events_per_second": [0-9.]*' "$OUT/e2e_sat.json" | awk '{print int($2)}')
+if has relay; then
+  corpus relay $((22000 * DURATION))
+  start_relay
+  c0=$(cpu_s "$RELAY"); load relay; c1=$(cpu_s "$RELAY")
+  RELAY_ALONE_RSS=$(hwm "$RELAY"); stop "$RELAY"
+  rabbitmqctl -q purge_queue "$RUN.events" >/dev/null
+  n=$(field "$OUT/relay.wrk.json" requests)
+  RELAY_ALONE_CPU_US=$(echo "($c1 - $c0) * 1000000 / $n" | bc)
+  printf '| relay alone (HTTP, gunzip, HMAC, publish+confirm) | %s | %.1f | %.1f | - | - |\n' \
+    "$(num "$(field "$OUT/relay.wrk.json" requests_per_second)")" "$(field "$OUT/relay.wrk.json" p50_ms)" "$(field "$OUT/relay.wrk.json" p99_ms)" >>"$OUT/table.md"
+fi
 
-# 3. End to end at half that rate.
-HALF=$((SAT / 2))
-send --count $((HALF * DURATION)) --concurrency "$CONCURRENCY" --rate "$HALF" --report-db "$DB" >"$OUT/e2e_half.json"
-RELAY_RSS=$(hwm "$RELAY"); WORKER_RSS=$(hwm "$WORKER")
+if has sat || has half; then
+  corpus sat $((15000 * DURATION))
+  start_relay; start_worker
+  r0=$(cpu_s "$RELAY"); w0=$(cpu_s "$WORKER")
+  load sat; report sat
+  r1=$(cpu_s "$RELAY"); w1=$(cpu_s "$WORKER")
+  n=$(field "$OUT/sat.e2e.json" events)
+  RELAY_CPU_US=$(echo "($r1 - $r0) * 1000000 / $n" | bc); WORKER_CPU_US=$(echo "($w1 - $w0) * 1000000 / $n" | bc)
+  row sat "end to end at saturation (wrk -c$CONNECTIONS)"
+  SAT=$(num "$(field "$OUT/sat.e2e.json" events_per_second)")
+  while [ "$(queue_len)" != "0" ]; do sleep 1; done # saturation leaves a backlog behind
+  if has half; then
+    HALF=$((SAT / 2))
+    corpus half $((HALF * DURATION + 1000))
+    load half "$HALF"; report half
+    row half "end to end at half of saturation ($HALF/s, paced)"
+  fi
+  RELAY_RSS=$(hwm "$RELAY"); WORKER_RSS=$(hwm "$WORKER")
+  stop "$RELAY"; stop "$WORKER"
+fi
 
-# 4. Backlog drain: publish straight to the broker with no worker, then start one.
-kill "$WORKER"; wait "$WORKER" 2>/dev/null || true
-$BIN send --target amqp --count "$BACKLOG" --concurrency 512 --json >"$OUT/backlog_publish.json"
-DRAIN_START=$(date +%s.%N)
-start_worker
-while :; do
-  left=$(rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$RUN.events" '$1 == q {print $2}')
-  [ "${left:-1}" = "0" ] && break
-  sleep 1
-done
-DRAIN_END=$(date +%s.%N)
-WORKER_DRAIN_RSS=$(hwm "$WORKER")
-DRAIN_RATE=$(psql -At -h 127.0.0.1 -U postgres "catena_$RUN" -c \
-  "SELECT round(count(*) / extract(epoch FROM max(processed_at) - min(processed_at))) FROM webhook_events
-   WHERE processed_at >= to_timestamp($DRAIN_START)")
+if has drain; then
+  $BIN send --target amqp --count "$BACKLOG" --concurrency 512 --json >"$OUT/backlog_publish.json"
+  DRAIN_START=$(date +%s.%N)
+  start_worker
+  extra=()
+  for i in $(seq 2 "${WORKERS:-1}"); do # scale-out: more worker processes on the same queue
+    METRICS_LISTEN=127.0.0.1:$((METRICS_PORT + i)) $BIN worker --no-migrate >"$OUT/worker$i.log" 2>&1 &
+    extra+=("$!"); pids+=("$!")
+  done
+  while [ "$(queue_len)" != "0" ]; do sleep 1; done
+  DRAIN_END=$(date +%s.%N)
+  WORKER_DRAIN_RSS=$(hwm "$WORKER")
+  stop "$WORKER"
+  for p in "${extra[@]:-}"; do [ -n "$p" ] && stop "$p"; done
+  DRAIN_RATE=$(psql -At -h 127.0.0.1 -U postgres "catena_$RUN" -c \
+    "SELECT round(count(*) / extract(epoch FROM max(processed_at) - min(processed_at))) FROM webhook_events
+     WHERE processed_at >= to_timestamp($DRAIN_START)")
+  printf '| backlog publish, broker only (send --target amqp, confirm) | %s | - | - | - | - |\n' "$(num "$(field "$OUT/backlog_publish.json" accepted_per_second)")" >>"$OUT/table.md"
+  printf '| backlog drain of %s events, %s worker process(es) (%.0f s) | %s | - | - | - | - |\n' "$BACKLOG" "${WORKERS:-1}" "$(echo "$DRAIN_END - $DRAIN_START" | bc)" "$DRAIN_RATE" >>"$OUT/table.md"
+  WORKER_RSS="$WORKER_RSS (drain: $WORKER_DRAIN_RSS)"
+fi
+
+if has ceiling; then
+  # A: the minimal pipeline (one process, HTTP -> confirm -> quorum queue -> batched txn).
+  # B: ours, relay and worker as above. Same wrk, same connections, same duration.
+  [ -d "$CEILING_DIR" ] || { echo "no ceiling tool at $CEILING_DIR" >&2; exit 1; }
+  CEILING_BIN=$PWD/target/ceiling/release/ceiling
+  (cd "$CEILING_DIR" && CARGO_TARGET_DIR="$OLDPWD/target/ceiling" cargo build --release -q)
+  psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE ceiling" postgres >/dev/null 2>&1 || true
+  printf '\n| pair | ceiling events/s | catena-ingest events/s | ratio |\n|---|---|---|---|\n' >"$OUT/pairs.md"
+  for pair in $(seq 1 "$CEILING_PAIRS"); do
+    AMQP_ADDR=amqp://guest:guest@127.0.0.1:5672/%2f PG_DSN=postgres://postgres@127.0.0.1:5432/ceiling \
+      "$CEILING_BIN" pipeline --queue quorum --workers 2 --batch 500 --http 127.0.0.1:18088 \
+      --warmup 3 --duration "$DURATION" >"$OUT/ceiling.$pair.txt" 2>&1 &
+    CEIL=$!
+    for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18088/ && break; sleep 0.1; done
+    wrk -t1 -c"$CONNECTIONS" -d"$((DURATION + 5))s" -s "$CEILING_DIR/scripts/hook.lua" http://127.0.0.1:18088/hook >/dev/null 2>&1 &
+    WRK=$!
+    # Sample inside the ceiling's own measuring window (it exits when that ends).
+    WINDOW=$((DURATION - 4))
+    sleep 4; cpu_by_name >"$OUT/cpu.a0"; sleep "$WINDOW"; cpu_by_name >"$OUT/cpu.a1"
+    wait "$WRK" || true; wait "$CEIL" || true
+    A=$(grep -o 'committed+acked events/s=[0-9]*' "$OUT/ceiling.$pair.txt" | cut -d= -f2)
+    corpus "pair$pair" $((15000 * DURATION))
+    start_relay; start_worker
+    cpu_by_name >"$OUT/cpu.b0"; load "pair$pair"; cpu_by_name >"$OUT/cpu.b1"; report "pair$pair"
+    stop "$RELAY"; stop "$WORKER"
+    B=$(num "$(field "$OUT/pair$pair.e2e.json" events_per_second)")
+    printf '| %s | %s | %s | %.2f |\n' "$pair" "$A" "$B" "$(echo "$B / $A" | bc -l)" >>"$OUT/pairs.md"
+    echo "pair $pair CPU per event, ceiling: $(cpu_per_event "$OUT/cpu.a0" "$OUT/cpu.a1" "$((A * WINDOW))")" >>"$OUT/cpu.md"
+    echo "pair $pair CPU per event, ours:    $(cpu_per_event "$OUT/cpu.b0" "$OUT/cpu.b1" "$(field "$OUT/pair$pair.e2e.json" events)")" >>"$OUT/cpu.md"
+  done
+fi
 
 {
-printf '\n| phase | events/s | HTTP p50 ms | HTTP p99 ms | receive->commit p50 ms | p99 ms |\n|---|---|---|---|---|---|\n'
-printf '| relay alone (HTTP, verify, publish+confirm) | %s | %s | %s | - | - |\n' \
-  "$(field "$OUT/relay_alone.json" accepted_per_second | cut -d. -f1)" "$(field "$OUT/relay_alone.json" latency_ms_p50)" "$(field "$OUT/relay_alone.json" latency_ms_p99)"
-for phase in e2e_sat e2e_half; do
-  printf '| %s | %s | %s | %s | %s | %s |\n' "$phase" \
-    "$(field "$OUT/$phase.json" events_per_second | cut -d. -f1)" "$(field "$OUT/$phase.json" latency_ms_p50)" "$(field "$OUT/$phase.json" latency_ms_p99)" \
-    "$(field "$OUT/$phase.json" lag_ms_p50)" "$(field "$OUT/$phase.json" lag_ms_p99)"
-done
-printf '| backlog publish (broker only, confirm) | %s | - | - | - | - |\n' "$(field "$OUT/backlog_publish.json" accepted_per_second | cut -d. -f1)"
-printf '| backlog drain of %s events | %s | - | - | - | - |\n' "$BACKLOG" "$DRAIN_RATE"
-printf '\npeak RSS MiB: relay %s, worker %s (during drain %s); drain wall time %.1fs\n' "$RELAY_RSS" "$WORKER_RSS" "$WORKER_DRAIN_RSS" "$(echo "$DRAIN_END - $DRAIN_START" | bc)"
+  cat "$OUT/table.md"
+  [ -f "$OUT/pairs.md" ] && cat "$OUT/pairs.md"
+  [ -f "$OUT/cpu.md" ] && { echo; cat "$OUT/cpu.md"; }
+  printf '\npeak RSS MiB: relay %s (alone: %s), worker %s\n' "$RELAY_RSS" "$RELAY_ALONE_RSS" "$WORKER_RSS"
+  printf 'CPU per event: relay alone %s us; at saturation relay %s us, worker %s us\n' "$RELAY_ALONE_CPU_US" "$RELAY_CPU_US" "$WORKER_CPU_US"
 } | tee -a "$OUT/summary.txt"

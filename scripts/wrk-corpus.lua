@@ -7,7 +7,22 @@
 -- A thread that runs out of requests repeats its last one (the pipeline drops it as a
 -- duplicate) and says so at the end: size the corpus to rate x duration.
 
+--
+-- RATE=N (requests per second over all threads) paces the run: request k of a thread is
+-- scheduled at start + k / (N / WRK_THREADS), so give wrk enough connections (-c) that one is
+-- always free. Without RATE every connection sends as soon as it has its answer (saturation).
+
 local threads = {}
+local ffi = require("ffi")
+ffi.cdef [[
+  typedef struct { long tv_sec; long tv_nsec; } wrk_timespec;
+  int clock_gettime(int clock_id, wrk_timespec *tp);
+]]
+local ts = ffi.new("wrk_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
 
 setup = function(thread)
   table.insert(threads, thread)
@@ -34,6 +49,21 @@ init = function(args)
   data = nil
   index = 0
   exhausted = 0
+  local rate = tonumber(os.getenv("RATE") or "0")
+  interval_ms = rate > 0 and (1000 * nthreads / rate) or 0
+  scheduled = 0
+  started_ms = nil
+end
+
+delay = function()
+  if interval_ms == 0 then
+    return 0
+  end
+  local now = now_ms()
+  started_ms = started_ms or now
+  local slot = started_ms + scheduled * interval_ms
+  scheduled = scheduled + 1
+  return slot > now and (slot - now) or 0
 end
 
 request = function()

@@ -168,8 +168,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: String,
 
-    /// Consumers (each its own channel and batch loop) per process.
-    #[arg(long, env = "WORKER_CONSUMERS", default_value_t = 2)]
+    /// Consumers (each its own channel and batch loop) per process. One is fastest on a small
+    /// box with a local PostgreSQL (README, "Defaults"); raise it when PostgreSQL is remote.
+    #[arg(long, env = "WORKER_CONSUMERS", default_value_t = 1)]
     pub consumers: usize,
 
     /// Unacked messages the broker may push to each consumer.

@@ -62,7 +62,7 @@ impl WorkerConfig {
             database_url: database_url.to_owned(),
             db_pool_size: 8,
             metrics_listen: "127.0.0.1:0".into(),
-            consumers: 2,
+            consumers: 1,
             prefetch: 1000,
             batch_size: 500,
             batch_wait: Duration::from_millis(2),

@@ -408,7 +408,9 @@ pub async fn spawn_worker(
     amqp_url: &str,
 ) -> (catena_ingest::worker::RunningWorker, Shutdown) {
     init_tracing();
-    let config = catena_ingest::worker::WorkerConfig::new(amqp_url, names, database_url);
+    let mut config = catena_ingest::worker::WorkerConfig::new(amqp_url, names, database_url);
+    // Two consumers, so every pipeline test also races batches against each other.
+    config.consumers = 2;
     spawn_worker_with(config).await
 }
 
