@@ -13,7 +13,8 @@
 # Phases (PHASES, default all of them):
 #   relay  relay alone (HTTP -> gunzip -> HMAC -> publish+confirm; nothing consumes)
 #   sat    end to end at saturation (wrk -c256, closed loop)
-#   half   end to end at a fixed half of the saturation rate (wrk paced by RATE)
+#   half   end to end at a fixed half of the saturation rate (wrk paced by RATE), or at
+#          HALF_RATE events/s (then without a saturation run first unless PHASES has sat)
 #   drain  backlog drain: BACKLOG events published straight to the broker, then WORKERS
 #          worker processes (default 1)
 #   ceiling  CEILING_PAIRS A/B pairs: the ceiling tool's minimal pipeline (A), then ours (B)
@@ -106,18 +107,25 @@ if has relay; then
 fi
 
 if has sat || has half; then
-  corpus sat $((15000 * DURATION))
   start_relay; start_worker
-  r0=$(cpu_s "$RELAY"); w0=$(cpu_s "$WORKER")
-  load sat; report sat
-  r1=$(cpu_s "$RELAY"); w1=$(cpu_s "$WORKER")
-  n=$(field "$OUT/sat.e2e.json" events)
-  RELAY_CPU_US=$(echo "($r1 - $r0) * 1000000 / $n" | bc); WORKER_CPU_US=$(echo "($w1 - $w0) * 1000000 / $n" | bc)
-  row sat "end to end at saturation (wrk -c$CONNECTIONS)"
-  SAT=$(num "$(field "$OUT/sat.e2e.json" events_per_second)")
-  while [ "$(queue_len)" != "0" ]; do sleep 1; done # saturation leaves a backlog behind
+  if has sat || [ -z "${HALF_RATE:-}" ]; then
+    corpus sat $((15000 * DURATION))
+    r0=$(cpu_s "$RELAY"); w0=$(cpu_s "$WORKER")
+    load sat; report sat
+    r1=$(cpu_s "$RELAY"); w1=$(cpu_s "$WORKER")
+    n=$(field "$OUT/sat.e2e.json" events)
+    RELAY_CPU_US=$(echo "($r1 - $r0) * 1000000 / $n" | bc); WORKER_CPU_US=$(echo "($w1 - $w0) * 1000000 / $n" | bc)
+    row sat "end to end at saturation (wrk -c$CONNECTIONS)"
+    SAT=$(num "$(field "$OUT/sat.e2e.json" events_per_second)")
+    # Saturation leaves a backlog, dirty buffers and autovacuum work behind: drain it and do
+    # that work now, so the next phase measures steady state rather than this one's cleanup.
+    while [ "$(queue_len)" != "0" ]; do sleep 1; done
+    psql -q -h 127.0.0.1 -U postgres -c "VACUUM ANALYZE" "catena_$RUN" >/dev/null
+    psql -q -h 127.0.0.1 -U postgres -c "CHECKPOINT" "catena_$RUN" >/dev/null
+    sleep 5
+  fi
   if has half; then
-    HALF=$((SAT / 2))
+    HALF=${HALF_RATE:-$((SAT / 2))} # HALF_RATE=n: a fixed rate, without a saturation run first
     corpus half $((HALF * DURATION + 1000))
     load half "$HALF"; report half
     row half "end to end at half of saturation ($HALF/s, paced)"
