@@ -117,6 +117,20 @@ async fn postgres_server_cert() -> String {
     file
 }
 
+/// Whether a pool built from `database_url` gets an encrypted connection.
+async fn pool_encrypts(database_url: &str) -> bool {
+    let pool = catena_ingest::db::pool(database_url, 1).unwrap();
+    let client = pool.get().await.unwrap();
+    client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn tls_db_url(host: &str, name: &str, query: &str) -> String {
     format!("postgres://postgres@{host}:5432/{name}?{query}")
 }
@@ -226,32 +240,11 @@ async fn verification_refuses_the_wrong_server_and_plain_stays_plain() {
         .expect("verify-ca with the server's root");
     // ...and require encrypts without verifying, as libpq does.
     let require = tls_db_url("127.0.0.1", &name, "sslmode=require");
-    let pool = catena_ingest::db::pool(&require, 1).unwrap();
-    let client = pool.get().await.unwrap();
-    let encrypted: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(encrypted, "sslmode=require encrypts");
-    drop(client);
-    drop(pool);
+    assert!(pool_encrypts(&require).await, "sslmode=require encrypts");
     // No sslmode: plain text, as documented (TLS is opt-in).
-    let pool = catena_ingest::db::pool(&plain_db, 1).unwrap();
-    let client = pool.get().await.unwrap();
-    let encrypted: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!encrypted, "no sslmode means plain text");
-    drop(client);
-    drop(pool);
+    assert!(
+        !pool_encrypts(&plain_db).await,
+        "no sslmode means plain text"
+    );
     drop_db(&plain_db).await;
 }
