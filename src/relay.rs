@@ -141,7 +141,8 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
     })
 }
 
-/// Headers larger than this are refused (hyper answers 431).
+/// Headers larger than this are refused with 431 by the handler; hyper's read-buffer cap
+/// (the same figure) bounds what a connection can make it buffer.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// HTTP/1.1 with keep-alive, a header-read deadline (slowloris) and a header size cap; on

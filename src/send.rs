@@ -135,20 +135,44 @@ impl Outgoing {
         self
     }
 
-    /// This request as raw HTTP/1.1 bytes with the headers [`send_to`] sends, for a load
-    /// generator that replays a corpus (wrk). Compresses and signs now if not prepared.
-    pub fn raw_http(&self, options: &SendOptions) -> Vec<u8> {
-        let prepared;
-        let p = match &self.prepared {
-            Some(p) => p,
-            None => {
-                prepared = Self::new(&self.event_name, &self.webhook_id, self.body.clone())
-                    .prepare(options)
-                    .prepared
-                    .expect("just prepared");
-                &prepared
-            }
+    /// Catena's headers for one delivery attempt, in the order Catena sends them. The one list
+    /// behind both [`send_to`] and [`Outgoing::raw_http`], so the wrk corpus sends what `send`
+    /// sends.
+    fn headers(
+        &self,
+        timestamp: &str,
+        signature: &str,
+        attempt: u32,
+        gzip: bool,
+    ) -> Vec<(&'static str, String)> {
+        let mut headers = vec![
+            ("Content-Type", "application/json".to_owned()),
+            ("User-Agent", "Catena-Webhook".to_owned()),
+            ("Accept", "application/json".to_owned()),
+            ("X-Catena-Signature", signature.to_owned()),
+            ("X-Catena-Timestamp", timestamp.to_owned()),
+            ("X-Event-Type", self.event_name.clone()),
+            ("X-Webhook-ID", self.webhook_id.clone()),
+            ("X-Request-ID", uuid::Uuid::new_v4().to_string()),
+            ("X-Schema-Version", "1.0".to_owned()),
+            ("X-Source", "catena-notifications".to_owned()),
+            ("X-Delivery-Attempt", attempt.to_string()),
+        ];
+        if gzip {
+            headers.push(("Content-Encoding", "gzip".to_owned()));
+        }
+        headers
+    }
+
+    /// This request (first attempt) as raw HTTP/1.1 bytes, for a load generator that replays a
+    /// corpus (wrk). Compresses and signs now if not prepared.
+    pub fn raw_http(self, options: &SendOptions) -> Vec<u8> {
+        let out = if self.prepared.is_some() {
+            self
+        } else {
+            self.prepare(options)
         };
+        let p = out.prepared.as_ref().expect("prepared above");
         let without_scheme = options
             .url
             .split_once("://")
@@ -158,26 +182,12 @@ impl Outgoing {
             .map_or((without_scheme, "/".to_owned()), |(h, p)| {
                 (h, format!("/{p}"))
             });
-        let mut raw = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
-             User-Agent: Catena-Webhook\r\nAccept: application/json\r\n\
-             X-Catena-Signature: {}\r\nX-Catena-Timestamp: {}\r\nX-Event-Type: {}\r\n\
-             X-Webhook-ID: {}\r\nX-Request-ID: {}\r\nX-Schema-Version: 1.0\r\n\
-             X-Source: catena-notifications\r\nX-Delivery-Attempt: 1\r\n{}\
-             Content-Length: {}\r\n\r\n",
-            p.signature,
-            p.timestamp,
-            self.event_name,
-            self.webhook_id,
-            uuid::Uuid::new_v4(),
-            if options.gzip {
-                "Content-Encoding: gzip\r\n"
-            } else {
-                ""
-            },
-            p.wire_body.len()
-        )
-        .into_bytes();
+        let mut head = format!("POST {path} HTTP/1.1\r\nHost: {host}\r\n");
+        for (name, value) in out.headers(&p.timestamp, &p.signature, 1, options.gzip) {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", p.wire_body.len()));
+        let mut raw = head.into_bytes();
         raw.extend_from_slice(&p.wire_body);
         raw
     }
@@ -385,21 +395,9 @@ async fn deliver(
                 (timestamp, signature)
             }
         };
-        let mut request = client
-            .post(&options.url)
-            .header("Content-Type", "application/json")
-            .header("User-Agent", "Catena-Webhook")
-            .header("Accept", "application/json")
-            .header("X-Catena-Signature", signature)
-            .header("X-Catena-Timestamp", &timestamp)
-            .header("X-Event-Type", &out.event_name)
-            .header("X-Webhook-ID", &out.webhook_id)
-            .header("X-Request-ID", uuid::Uuid::new_v4().to_string())
-            .header("X-Schema-Version", "1.0")
-            .header("X-Source", "catena-notifications")
-            .header("X-Delivery-Attempt", attempt.to_string());
-        if options.gzip {
-            request = request.header("Content-Encoding", "gzip");
+        let mut request = client.post(&options.url);
+        for (name, value) in out.headers(&timestamp, &signature, attempt, options.gzip) {
+            request = request.header(name, value);
         }
         request = request.body(wire_body.clone());
         let t0 = Instant::now();
@@ -454,4 +452,47 @@ pub fn write_wrk_corpus(
     }
     file.flush()?;
     Ok((requests, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::SecretStore;
+    use crate::signature::{SignedHeaders, Window, verify};
+
+    /// A corpus request is one the relay accepts: parse it back and verify it as the relay does.
+    #[test]
+    fn raw_http_is_a_signed_request_the_relay_accepts() {
+        let options =
+            SendOptions::new("http://127.0.0.1:8080/webhooks/catena", "s3cret-0123456789");
+        let body = br#"{"event_name":"connection.created","webhook_id":"w1"}"#.to_vec();
+        let raw = Outgoing::new("connection.created", "w1", body.clone()).raw_http(&options);
+
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let (head, wire_body) = (
+            std::str::from_utf8(&raw[..split]).unwrap(),
+            &raw[split + 4..],
+        );
+        let mut lines = head.split("\r\n");
+        assert_eq!(lines.next(), Some("POST /webhooks/catena HTTP/1.1"));
+        let headers: std::collections::HashMap<String, &str> = lines
+            .map(|l| l.split_once(": ").unwrap())
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        assert_eq!(headers["host"], "127.0.0.1:8080");
+        assert_eq!(headers["content-length"], wire_body.len().to_string());
+        assert_eq!(headers["content-encoding"], "gzip");
+        assert_eq!(headers["x-event-type"], "connection.created");
+
+        let plain = crate::gunzip::gunzip_capped(wire_body, 1 << 20).unwrap();
+        assert_eq!(plain, body);
+        let mut secrets = SecretStore::default();
+        secrets.insert("w1", "s3cret-0123456789");
+        let signed = SignedHeaders {
+            timestamp: Some(headers["x-catena-timestamp"]),
+            signature: Some(headers["x-catena-signature"]),
+            webhook_id: Some(headers["x-webhook-id"]),
+        };
+        assert!(verify(&secrets, signed, &plain, Utc::now(), Window::default()).is_ok());
+    }
 }

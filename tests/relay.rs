@@ -238,12 +238,7 @@ async fn broker_cut_means_503_then_recovery_without_restart() {
 async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let names = Names::new(&unique("relay_abuse"));
-    let mut config = catena_ingest::relay::RelayConfig::new(
-        "127.0.0.1:0",
-        AMQP_URL,
-        names.clone(),
-        catena_ingest::secrets::SecretStore::parse(&secrets()).unwrap(),
-    );
+    let mut config = relay_config(names.clone(), AMQP_URL, &secrets());
     config.header_timeout = Duration::from_millis(500);
     let relay = spawn_relay_with(config).await;
     let addr = relay.running.addr;
@@ -314,12 +309,7 @@ async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
 async fn beyond_the_concurrency_cap_the_answer_is_an_immediate_503() {
     use tokio::io::AsyncWriteExt;
     let names = Names::new(&unique("relay_cap"));
-    let mut config = catena_ingest::relay::RelayConfig::new(
-        "127.0.0.1:0",
-        AMQP_URL,
-        names.clone(),
-        catena_ingest::secrets::SecretStore::parse(&secrets()).unwrap(),
-    );
+    let mut config = relay_config(names.clone(), AMQP_URL, &secrets());
     config.max_concurrency = 1;
     let relay = spawn_relay_with(config).await;
     let client = reqwest::Client::new();

@@ -49,15 +49,18 @@ impl TestRelay {
     }
 }
 
-pub async fn spawn_relay(names: Names, amqp_url: &str, secrets: &str) -> TestRelay {
-    init_tracing();
-    let config = RelayConfig::new(
+/// A relay configuration on an ephemeral port, for tests that change a setting before spawning.
+pub fn relay_config(names: Names, amqp_url: &str, secrets: &str) -> RelayConfig {
+    RelayConfig::new(
         "127.0.0.1:0",
         amqp_url,
-        names.clone(),
+        names,
         SecretStore::parse(secrets).unwrap(),
-    );
-    spawn_relay_with(config).await
+    )
+}
+
+pub async fn spawn_relay(names: Names, amqp_url: &str, secrets: &str) -> TestRelay {
+    spawn_relay_with(relay_config(names, amqp_url, secrets)).await
 }
 
 pub async fn spawn_relay_with(config: RelayConfig) -> TestRelay {
