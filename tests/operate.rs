@@ -70,8 +70,10 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
     assert!(publisher.wait_ready(Duration::from_secs(10)).await);
 
     // 40 valid events that exhausted their retries (say, during a long outage), 3 malformed.
-    let events = scenario(4, 90);
+    let events = scenario(12, 90);
     let valid: Vec<_> = events.iter().take(40).collect();
+    // 40 at --rate 20 take 2 s, so the kill at 1 s lands mid-replay on any machine speed.
+    assert_eq!(valid.len(), 40, "the scenario has enough events");
     for event in &valid {
         park_directly(
             &publisher,
