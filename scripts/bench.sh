@@ -17,7 +17,9 @@
 #          HALF_RATE events/s (then without a saturation run first unless PHASES has sat)
 #   drain  backlog drain: BACKLOG events published straight to the broker, then WORKERS
 #          worker processes (default 1)
-#   ceiling  CEILING_PAIRS A/B pairs: the ceiling tool's minimal pipeline (A), then ours (B)
+#   ceiling  CEILING_PAIRS A/A'/B rounds: the ceiling tool's minimal pipeline (A), the same
+#            patched to publish with our broker contract (A', scripts/ceiling-contract.patch),
+#            then ours (B)
 # Prints one table; raw output goes to target/bench/<run>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ DURATION=${DURATION:-20}
 CONNECTIONS=${CONNECTIONS:-256}
 BACKLOG=${BACKLOG:-1000000}
 CEILING_PAIRS=${CEILING_PAIRS:-0}
-PHASES=${PHASES:-relay sat half drain}
+PHASES=${PHASES-relay sat half drain}
 [ "$CEILING_PAIRS" -gt 0 ] && PHASES="$PHASES ceiling"
 RELAY_PORT=${RELAY_PORT:-18180}
 METRICS_PORT=${METRICS_PORT:-19190}
@@ -160,31 +162,57 @@ if has ceiling; then
   # A: the minimal pipeline (one process, HTTP -> confirm -> quorum queue -> batched txn).
   # B: ours, relay and worker as above. Same wrk, same connections, same duration.
   [ -d "$CEILING_DIR" ] || { echo "no ceiling tool at $CEILING_DIR" >&2; exit 1; }
-  CEILING_BIN=$PWD/target/ceiling/release/ceiling
-  (cd "$CEILING_DIR" && CARGO_TARGET_DIR="$OLDPWD/target/ceiling" cargo build --release -q)
+  # A': the same minimal pipeline, patched (scripts/ceiling-contract.patch) to publish the way
+  # architecture.md requires of the relay: through a topic exchange bound `#`, `mandatory`, with
+  # the Catena headers, received_at and three properties, into a queue with a delivery limit and
+  # at-least-once dead-lettering. It isolates what that broker contract costs from our own work.
+  CEILING_BUILD=$PWD/target/ceiling
+  (cd "$CEILING_DIR" && CARGO_TARGET_DIR="$CEILING_BUILD" cargo build --release -q)
+  cp "$CEILING_BUILD/release/ceiling" "$CEILING_BUILD/ceiling-minimal"
+  CONTRACT_SRC=$CEILING_BUILD/contract-src
+  rm -rf "$CONTRACT_SRC" && mkdir -p "$CONTRACT_SRC"
+  cp -r "$CEILING_DIR/Cargo.toml" "$CEILING_DIR/Cargo.lock" "$CEILING_DIR/src" "$CONTRACT_SRC/"
+  if patch -s -p1 -d "$CONTRACT_SRC" <scripts/ceiling-contract.patch &&
+    (cd "$CONTRACT_SRC" && CARGO_TARGET_DIR="$CEILING_BUILD" cargo build --release -q); then
+    cp "$CEILING_BUILD/release/ceiling" "$CEILING_BUILD/ceiling-contract"
+  else
+    echo "SKIPPED contract-shaped ceiling: scripts/ceiling-contract.patch does not apply to $CEILING_DIR" >&2
+    rm -f "$CEILING_BUILD/ceiling-contract"
+  fi
   psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE ceiling" postgres >/dev/null 2>&1 || true
-  printf '\n| pair | ceiling events/s | catena-ingest events/s | ratio |\n|---|---|---|---|\n' >"$OUT/pairs.md"
-  for pair in $(seq 1 "$CEILING_PAIRS"); do
+  # ceiling VARIANT PAIR: run one ceiling binary behind wrk; prints its events/s and leaves the
+  # CPU samples of its measuring window in $OUT/cpu.VARIANT0 and .VARIANT1.
+  ceiling() {
     AMQP_ADDR=amqp://guest:guest@127.0.0.1:5672/%2f PG_DSN=postgres://postgres@127.0.0.1:5432/ceiling \
-      "$CEILING_BIN" pipeline --queue quorum --workers 2 --batch 500 --http 127.0.0.1:18088 \
-      --warmup 3 --duration "$DURATION" >"$OUT/ceiling.$pair.txt" 2>&1 &
+      "$CEILING_BUILD/ceiling-$1" pipeline --queue quorum --workers 2 --batch 500 --http 127.0.0.1:18088 \
+      --warmup 3 --duration "$DURATION" >"$OUT/ceiling-$1.$2.txt" 2>&1 &
     CEIL=$!
     for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18088/ && break; sleep 0.1; done
     wrk -t1 -c"$CONNECTIONS" -d"$((DURATION + 5))s" -s "$CEILING_DIR/scripts/hook.lua" http://127.0.0.1:18088/hook >/dev/null 2>&1 &
     WRK=$!
     # Sample inside the ceiling's own measuring window (it exits when that ends).
-    WINDOW=$((DURATION - 4))
-    sleep 4; cpu_by_name >"$OUT/cpu.a0"; sleep "$WINDOW"; cpu_by_name >"$OUT/cpu.a1"
+    sleep 4; cpu_by_name >"$OUT/cpu.$1.0"; sleep "$WINDOW"; cpu_by_name >"$OUT/cpu.$1.1"
     wait "$WRK" || true; wait "$CEIL" || true
-    A=$(grep -o 'committed+acked events/s=[0-9]*' "$OUT/ceiling.$pair.txt" | cut -d= -f2)
+    grep -o 'committed+acked events/s=[0-9]*' "$OUT/ceiling-$1.$2.txt" | cut -d= -f2
+  }
+  WINDOW=$((DURATION - 4))
+  printf '\n| pair | ceiling events/s | ceiling, contract-shaped publish | catena-ingest events/s | ratio to ceiling | ratio to contract-shaped |\n|---|---|---|---|---|---|\n' >"$OUT/pairs.md"
+  for pair in $(seq 1 "$CEILING_PAIRS"); do
+    A=$(ceiling minimal "$pair")
+    echo "pair $pair CPU per event, ceiling:                  $(cpu_per_event "$OUT/cpu.minimal.0" "$OUT/cpu.minimal.1" "$((A * WINDOW))")" >>"$OUT/cpu.md"
+    C=-
+    if [ -x "$CEILING_BUILD/ceiling-contract" ]; then
+      C=$(ceiling contract "$pair")
+      echo "pair $pair CPU per event, ceiling, contract-shaped: $(cpu_per_event "$OUT/cpu.contract.0" "$OUT/cpu.contract.1" "$((C * WINDOW))")" >>"$OUT/cpu.md"
+    fi
     corpus "pair$pair" $((15000 * DURATION))
     start_relay; start_worker
     cpu_by_name >"$OUT/cpu.b0"; load "pair$pair"; cpu_by_name >"$OUT/cpu.b1"; report "pair$pair"
     stop "$RELAY"; stop "$WORKER"
     B=$(num "$(field "$OUT/pair$pair.e2e.json" events_per_second)")
-    printf '| %s | %s | %s | %.2f |\n' "$pair" "$A" "$B" "$(echo "$B / $A" | bc -l)" >>"$OUT/pairs.md"
-    echo "pair $pair CPU per event, ceiling: $(cpu_per_event "$OUT/cpu.a0" "$OUT/cpu.a1" "$((A * WINDOW))")" >>"$OUT/cpu.md"
-    echo "pair $pair CPU per event, ours:    $(cpu_per_event "$OUT/cpu.b0" "$OUT/cpu.b1" "$(field "$OUT/pair$pair.e2e.json" events)")" >>"$OUT/cpu.md"
+    RC=-; [ "$C" != - ] && RC=$(printf '%.2f' "$(echo "$B / $C" | bc -l)")
+    printf '| %s | %s | %s | %s | %.2f | %s |\n' "$pair" "$A" "$C" "$B" "$(echo "$B / $A" | bc -l)" "$RC" >>"$OUT/pairs.md"
+    echo "pair $pair CPU per event, ours:                     $(cpu_per_event "$OUT/cpu.b0" "$OUT/cpu.b1" "$(field "$OUT/pair$pair.e2e.json" events)")" >>"$OUT/cpu.md"
   done
 fi
 

@@ -78,6 +78,36 @@ proptest! {
         let _ = signature::verify(&store, headers, &body, Utc::now(), Window::default());
     }
 
+    /// The hand-parsed gzip framing must agree with flate2's own `MultiGzDecoder` on every input:
+    /// same bytes when it succeeds, too large exactly when flate2 reads past the cap, corrupt
+    /// exactly when flate2 fails.
+    #[test]
+    fn gunzip_agrees_with_flate2(data in prop::collection::vec(any::<u8>(), 0..3000), cap in 0usize..4096, members in 1usize..3, named in any::<bool>(), edits in prop::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..4)) {
+        let mut compressed = Vec::new();
+        for _ in 0..members {
+            let builder = if named {
+                flate2::GzBuilder::new().filename("body.json").comment("c").extra(vec![1, 2, 3])
+            } else {
+                flate2::GzBuilder::new()
+            };
+            let mut enc = builder.write(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut enc, &data).unwrap();
+            compressed.extend(enc.finish().unwrap());
+        }
+        let compressed = mutate(&compressed, &edits);
+        let mut reference = Vec::new();
+        let flate = std::io::Read::read_to_end(
+            &mut std::io::Read::take(flate2::bufread::MultiGzDecoder::new(&compressed[..]), cap as u64 + 1),
+            &mut reference,
+        );
+        let expected = match flate {
+            Ok(_) if reference.len() > cap => Err(GunzipError::TooLarge(cap)),
+            Ok(_) => Ok(reference),
+            Err(_) => Err(GunzipError::Corrupt),
+        };
+        prop_assert_eq!(gunzip_capped(&compressed, cap), expected);
+    }
+
     #[test]
     fn gunzip_limiter_never_exceeds_its_cap(data in prop::collection::vec(any::<u8>(), 0..4096), cap in 0usize..8192, edits in prop::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..6)) {
         let compressed = mutate(&catena_ingest::gunzip::gzip(&data), &edits);
