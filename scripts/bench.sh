@@ -19,8 +19,9 @@
 #          worker processes (default 1)
 #   ceiling  CEILING_PAIRS A/A'/B rounds: the ceiling tool's minimal pipeline (A), the same
 #            patched to publish with our broker contract (A', scripts/ceiling-contract.patch),
-#            then ours (B)
-# Prints one table; raw output goes to target/bench/<run>/.
+#            then ours (B). `PHASES= CEILING_PAIRS=3` runs only these rounds.
+# They run in the order relay, sat, half, ceiling, drain. Prints one table; raw output goes
+# to target/bench/<run>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,7 +54,8 @@ cleanup() {
   wait 2>/dev/null || true
   rm -f "$OUT"/*.corpus
   rabbitmqctl -q list_queues name 2>/dev/null | grep "^$RUN\." | while read -r q; do rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
-  rabbitmqctl -q delete_exchange "$RUN.events" >/dev/null 2>&1 || true
+  # rabbitmqctl has no delete_exchange command; eval does it.
+  rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$RUN.events\">>), false, <<\"bench\">>)." >/dev/null 2>&1 || true
   psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS catena_$RUN WITH (FORCE)" postgres >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -87,6 +89,25 @@ row() { # phase label
     "$(field "$OUT/$1.e2e.json" lag_ms_p50)" "$(field "$OUT/$1.e2e.json" lag_ms_p99)" >>"$OUT/table.md"
 }
 has() { [[ " $PHASES " == *" $1 "* ]]; }
+# Drain the queue, then do the vacuum, statistics and checkpoint work a run leaves behind, so
+# the next phase measures steady state rather than the previous one's cleanup.
+settle() {
+  while [ "$(queue_len)" != "0" ]; do sleep 1; done
+  psql -q -h 127.0.0.1 -U postgres -c "VACUUM ANALYZE" "catena_$RUN" >/dev/null
+  psql -q -h 127.0.0.1 -U postgres -c "CHECKPOINT" "catena_$RUN" >/dev/null
+  sleep 5
+}
+# A fresh database has no statistics, so the worker's first prepared plans scan the growing
+# tables sequentially until autovacuum analyses them (a minute or more). The ceiling starts
+# from 100k analysed rows; start ours from ~100k events' worth of analysed tables too.
+warmup() {
+  $BIN send --url "http://127.0.0.1:$RELAY_PORT" --count 100000 --wrk-corpus "$OUT/warmup.corpus" 2>/dev/null
+  CORPUS="$OUT/warmup.corpus" wrk -t1 -c"$CONNECTIONS" -d12s -s scripts/wrk-corpus.lua \
+    "http://127.0.0.1:$RELAY_PORT" >"$OUT/warmup.wrk.txt" 2>&1 || true
+  rm -f "$OUT/warmup.corpus"
+  settle
+}
+WARMED=0
 # CPU seconds per process name (all processes of that name), for the A/B breakdown.
 cpu_by_name() { for p in /proc/[0-9]*; do c=$(cat "$p/comm" 2>/dev/null) && s=$(awk '{print $14+$15}' "$p/stat" 2>/dev/null) && echo "$c $s"; done | awk '{a[$1]+=$2} END {for (k in a) print k, a[k]/100}' | sort; }
 # cpu_per_event BEFORE AFTER EVENTS: "name us/event" for every process that used >1% of it.
@@ -110,6 +131,7 @@ fi
 
 if has sat || has half; then
   start_relay; start_worker
+  [ "$WARMED" = 1 ] || { warmup; WARMED=1; }
   if has sat || [ -z "${HALF_RATE:-}" ]; then
     corpus sat $((15000 * DURATION))
     r0=$(cpu_s "$RELAY"); w0=$(cpu_s "$WORKER")
@@ -119,12 +141,7 @@ if has sat || has half; then
     RELAY_CPU_US=$(echo "($r1 - $r0) * 1000000 / $n" | bc); WORKER_CPU_US=$(echo "($w1 - $w0) * 1000000 / $n" | bc)
     row sat "end to end at saturation (wrk -c$CONNECTIONS)"
     SAT=$(num "$(field "$OUT/sat.e2e.json" events_per_second)")
-    # Saturation leaves a backlog, dirty buffers and autovacuum work behind: drain it and do
-    # that work now, so the next phase measures steady state rather than this one's cleanup.
-    while [ "$(queue_len)" != "0" ]; do sleep 1; done
-    psql -q -h 127.0.0.1 -U postgres -c "VACUUM ANALYZE" "catena_$RUN" >/dev/null
-    psql -q -h 127.0.0.1 -U postgres -c "CHECKPOINT" "catena_$RUN" >/dev/null
-    sleep 5
+    settle # saturation leaves a backlog, dirty buffers and autovacuum work behind
   fi
   if has half; then
     HALF=${HALF_RATE:-$((SAT / 2))} # HALF_RATE=n: a fixed rate, without a saturation run first
@@ -134,28 +151,6 @@ if has sat || has half; then
   fi
   RELAY_RSS=$(hwm "$RELAY"); WORKER_RSS=$(hwm "$WORKER")
   stop "$RELAY"; stop "$WORKER"
-fi
-
-if has drain; then
-  $BIN send --target amqp --count "$BACKLOG" --concurrency 512 --json >"$OUT/backlog_publish.json"
-  DRAIN_START=$(date +%s.%N)
-  start_worker
-  extra=()
-  for i in $(seq 2 "${WORKERS:-1}"); do # scale-out: more worker processes on the same queue
-    METRICS_LISTEN=127.0.0.1:$((METRICS_PORT + i)) $BIN worker --no-migrate >"$OUT/worker$i.log" 2>&1 &
-    extra+=("$!"); pids+=("$!")
-  done
-  while [ "$(queue_len)" != "0" ]; do sleep 1; done
-  DRAIN_END=$(date +%s.%N)
-  WORKER_DRAIN_RSS=$(hwm "$WORKER")
-  stop "$WORKER"
-  for p in "${extra[@]:-}"; do [ -n "$p" ] && stop "$p"; done
-  DRAIN_RATE=$(psql -At -h 127.0.0.1 -U postgres "catena_$RUN" -c \
-    "SELECT round(count(*) / extract(epoch FROM max(processed_at) - min(processed_at))) FROM webhook_events
-     WHERE processed_at >= to_timestamp($DRAIN_START)")
-  printf '| backlog publish, broker only (send --target amqp, confirm) | %s | - | - | - | - |\n' "$(num "$(field "$OUT/backlog_publish.json" accepted_per_second)")" >>"$OUT/table.md"
-  printf '| backlog drain of %s events, %s worker process(es) (%.0f s) | %s | - | - | - | - |\n' "$BACKLOG" "${WORKERS:-1}" "$(echo "$DRAIN_END - $DRAIN_START" | bc)" "$DRAIN_RATE" >>"$OUT/table.md"
-  WORKER_RSS="$WORKER_RSS (drain: $WORKER_DRAIN_RSS)"
 fi
 
 if has ceiling; then
@@ -169,12 +164,18 @@ if has ceiling; then
   CEILING_BUILD=$PWD/target/ceiling
   (cd "$CEILING_DIR" && CARGO_TARGET_DIR="$CEILING_BUILD" cargo build --release -q)
   cp "$CEILING_BUILD/release/ceiling" "$CEILING_BUILD/ceiling-minimal"
-  CONTRACT_SRC=$CEILING_BUILD/contract-src
+  # Its own target directory: in a shared one, cargo sees the original's sources as older than
+  # the patched binary and does not relink, so both copies would be the patched build.
+  CONTRACT_SRC=$PWD/target/ceiling-contract/src-patched
   rm -rf "$CONTRACT_SRC" && mkdir -p "$CONTRACT_SRC"
   cp -r "$CEILING_DIR/Cargo.toml" "$CEILING_DIR/Cargo.lock" "$CEILING_DIR/src" "$CONTRACT_SRC/"
   if patch -s -p1 -d "$CONTRACT_SRC" <scripts/ceiling-contract.patch &&
-    (cd "$CONTRACT_SRC" && CARGO_TARGET_DIR="$CEILING_BUILD" cargo build --release -q); then
-    cp "$CEILING_BUILD/release/ceiling" "$CEILING_BUILD/ceiling-contract"
+    (cd "$CONTRACT_SRC" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -q); then
+    cp "$CONTRACT_SRC/../target/release/ceiling" "$CEILING_BUILD/ceiling-contract"
+    if cmp -s "$CEILING_BUILD/ceiling-minimal" "$CEILING_BUILD/ceiling-contract"; then
+      echo "the minimal and the contract-shaped ceiling are the same binary; rm -rf target/ceiling*" >&2
+      exit 1
+    fi
   else
     echo "SKIPPED contract-shaped ceiling: scripts/ceiling-contract.patch does not apply to $CEILING_DIR" >&2
     rm -f "$CEILING_BUILD/ceiling-contract"
@@ -207,6 +208,7 @@ if has ceiling; then
     fi
     corpus "pair$pair" $((15000 * DURATION))
     start_relay; start_worker
+    [ "$WARMED" = 1 ] || { warmup; WARMED=1; }
     cpu_by_name >"$OUT/cpu.b0"; load "pair$pair"; cpu_by_name >"$OUT/cpu.b1"; report "pair$pair"
     stop "$RELAY"; stop "$WORKER"
     B=$(num "$(field "$OUT/pair$pair.e2e.json" events_per_second)")
@@ -214,6 +216,30 @@ if has ceiling; then
     printf '| %s | %s | %s | %s | %.2f | %s |\n' "$pair" "$A" "$C" "$B" "$(echo "$B / $A" | bc -l)" "$RC" >>"$OUT/pairs.md"
     echo "pair $pair CPU per event, ours:                     $(cpu_per_event "$OUT/cpu.b0" "$OUT/cpu.b1" "$(field "$OUT/pair$pair.e2e.json" events)")" >>"$OUT/cpu.md"
   done
+fi
+
+# The drain runs last: its million rows leave vacuum and checkpoint work in PostgreSQL that
+# would otherwise land in the phases after it.
+if has drain; then
+  $BIN send --target amqp --count "$BACKLOG" --concurrency 512 --json >"$OUT/backlog_publish.json"
+  DRAIN_START=$(date +%s.%N)
+  start_worker
+  extra=()
+  for i in $(seq 2 "${WORKERS:-1}"); do # scale-out: more worker processes on the same queue
+    METRICS_LISTEN=127.0.0.1:$((METRICS_PORT + i)) $BIN worker --no-migrate >"$OUT/worker$i.log" 2>&1 &
+    extra+=("$!"); pids+=("$!")
+  done
+  while [ "$(queue_len)" != "0" ]; do sleep 1; done
+  DRAIN_END=$(date +%s.%N)
+  WORKER_DRAIN_RSS=$(hwm "$WORKER")
+  stop "$WORKER"
+  for p in "${extra[@]:-}"; do [ -n "$p" ] && stop "$p"; done
+  DRAIN_RATE=$(psql -At -h 127.0.0.1 -U postgres "catena_$RUN" -c \
+    "SELECT round(count(*) / extract(epoch FROM max(processed_at) - min(processed_at))) FROM webhook_events
+     WHERE processed_at >= to_timestamp($DRAIN_START)")
+  printf '| backlog publish, broker only (send --target amqp, confirm) | %s | - | - | - | - |\n' "$(num "$(field "$OUT/backlog_publish.json" accepted_per_second)")" >>"$OUT/table.md"
+  printf '| backlog drain of %s events, %s worker process(es) (%.0f s) | %s | - | - | - | - |\n' "$BACKLOG" "${WORKERS:-1}" "$(echo "$DRAIN_END - $DRAIN_START" | bc)" "$DRAIN_RATE" >>"$OUT/table.md"
+  WORKER_RSS="$WORKER_RSS (drain: $WORKER_DRAIN_RSS)"
 fi
 
 {
