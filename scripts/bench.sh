@@ -20,7 +20,8 @@
 #   ceiling  CEILING_PAIRS A/A'/B rounds: the ceiling tool's minimal pipeline (A), the same
 #            patched to publish with our broker contract (A', scripts/ceiling-contract.patch),
 #            then ours (B). `PHASES= CEILING_PAIRS=3` runs only these rounds.
-# They run in the order relay, sat, half, ceiling, drain. Prints one table; raw output goes
+# Before the first end-to-end phase, 100k events warm the tables up and get analysed
+# (WARMUP=0 skips that). They run in the order relay, sat, half, ceiling, drain. Prints one table; raw output goes
 # to target/bench/<run>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -107,7 +108,7 @@ warmup() {
   rm -f "$OUT/warmup.corpus"
   settle
 }
-WARMED=0
+WARMED=0; [ "${WARMUP:-1}" = 0 ] && WARMED=1 # WARMUP=0 skips the warm-up
 # CPU seconds per process name (all processes of that name), for the A/B breakdown.
 cpu_by_name() { for p in /proc/[0-9]*; do c=$(cat "$p/comm" 2>/dev/null) && s=$(awk '{print $14+$15}' "$p/stat" 2>/dev/null) && echo "$c $s"; done | awk '{a[$1]+=$2} END {for (k in a) print k, a[k]/100}' | sort; }
 # cpu_per_event BEFORE AFTER EVENTS: "name us/event" for every process that used >1% of it.
