@@ -21,8 +21,8 @@
 #            patched to publish with our broker contract (A', scripts/ceiling-contract.patch),
 #            then ours (B). `PHASES= CEILING_PAIRS=3` runs only these rounds.
 # Before the first end-to-end phase, 100k events warm the tables up and get analysed
-# (WARMUP=0 skips that). They run in the order relay, sat, half, ceiling, drain. Prints one table; raw output goes
-# to target/bench/<run>/.
+# (WARMUP=0 skips that). Phases run in the order relay, sat, half, ceiling, drain. Prints one
+# table; raw output goes to target/bench/<run>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -64,7 +64,7 @@ fn member<'a>(
     loop {
         if out.len() == out.capacity() {
             // Grow by doubling, but never past cap + 1: one byte over is proof enough.
-            let room = max_out.saturating_add(1) - out.len().min(max_out.saturating_add(1));
+            let room = max_out.saturating_add(1).saturating_sub(out.len());
             if room == 0 {
                 return Err(GunzipError::TooLarge(max_out));
             }
