@@ -24,7 +24,7 @@ fn main() {
     } else {
         (1, 1_000)
     };
-    let gzipped = catena_ingest::gunzip::gzip(BODY);
+    let gzipped = catena_ingest::relay::gunzip::gzip(BODY);
     for round in 1..=rounds {
         let flate2 = per_iteration(iterations, || {
             let mut out = Vec::with_capacity(gzipped.len() * 4);
@@ -36,7 +36,8 @@ fn main() {
         });
         let ours = per_iteration(iterations, || {
             black_box(
-                catena_ingest::gunzip::gunzip_capped(black_box(&gzipped), CAP).expect("valid gzip"),
+                catena_ingest::relay::gunzip::gunzip_capped(black_box(&gzipped), CAP)
+                    .expect("valid gzip"),
             );
         });
         println!(

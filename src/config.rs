@@ -1,52 +1,59 @@
-//! Configuration: every setting is an environment variable with a same-named CLI flag, and every
-//! default points at a local RabbitMQ and PostgreSQL so a developer machine needs none of it.
+//! Configuration: one typed settings tree, and the only place a default is written.
+//!
+//! Every setting is an environment variable with a same-named CLI flag, and every default points
+//! at a local RabbitMQ and PostgreSQL so a developer machine needs none of it. The settings
+//! structs are what the components run with (no field-by-field copies): the binary parses them,
+//! and tests start from [`Default`], which is the same clap defaults parsed without the
+//! environment, then override fields.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::builder::TypedValueParser as _;
+use clap::{Args, FromArgMatches};
 
-use crate::secrets::{SecretStore, SecretsError};
-use crate::topology::{Names, RETRY_TIERS};
+use crate::broker::Names;
+use crate::broker::topology::RetryDelays;
+use crate::relay::secrets::{SecretStore, SecretsError};
+use crate::relay::signature::Window;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/catena";
 
-#[derive(Args, Clone, Debug)]
-pub struct BrokerArgs {
-    /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: String,
-
-    /// Prefix of every exchange and queue name, so tests and tenants can share one broker.
-    #[arg(long, env = "CATENA_NAME_PREFIX", default_value = "catena")]
-    pub name_prefix: String,
-
-    /// Retry tier delays, comma separated (`250ms`, `5s`, `5m`, `1h`). Each tier is a TTL queue
-    /// named after its delay; a message that exhausts the tiers is parked.
-    #[arg(long, env = "CATENA_RETRY_DELAYS", default_value = "5s,30s,5m,30m", value_parser = parse_delays)]
-    pub retry_delays: Delays,
+/// The settings' clap defaults, ignoring the environment: what an unconfigured process runs
+/// with, and where tests start.
+fn clap_defaults<T: Args + FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults"))
+        .mut_args(|arg| arg.env(None::<&'static str>));
+    let matches = command
+        .try_get_matches_from(["defaults"])
+        .expect("every setting has a default");
+    T::from_arg_matches(&matches).expect("defaults parse")
 }
 
-impl BrokerArgs {
-    pub fn names(&self) -> Names {
-        Names::with_retry_delays(&self.name_prefix, self.retry_delays.0.clone())
-    }
+macro_rules! default_from_clap {
+    ($($settings:ty),* $(,)?) => {
+        $(impl Default for $settings {
+            fn default() -> Self {
+                clap_defaults()
+            }
+        })*
+    };
 }
 
-/// A parsed list of retry delays.
-#[derive(Clone, Debug)]
-pub struct Delays(pub Vec<Duration>);
+default_from_clap!(
+    BrokerSettings,
+    DatabaseSettings,
+    RelaySettings,
+    WorkerSettings,
+    Rules,
+    NotifierSettings,
+    DeliverySettings,
+);
 
-impl Default for Delays {
-    fn default() -> Self {
-        Self(RETRY_TIERS.to_vec())
-    }
-}
-
+/// `250ms`, `5s`, `5m`, `1h`; a bare number is seconds (`WORKER_DRAIN_SECONDS=20`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    // A bare number is seconds (WORKER_DRAIN_SECONDS=20).
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
@@ -63,20 +70,38 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     })
 }
 
-fn parse_delays(text: &str) -> Result<Delays, String> {
-    let delays = text
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(parse_duration)
-        .collect::<Result<Vec<_>, _>>()?;
-    if delays.is_empty() {
-        return Err("at least one retry delay is required".into());
+#[derive(Args, Clone, Debug)]
+pub struct BrokerSettings {
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name, so tests and tenants can share one broker.
+    #[arg(long, env = "CATENA_NAME_PREFIX", default_value = "catena")]
+    pub name_prefix: String,
+
+    /// Retry tier delays, comma separated (`250ms`, `5s`, `5m`, `1h`). Each tier is a TTL queue
+    /// named after its delay; a message that exhausts the tiers is parked.
+    #[arg(long, env = "CATENA_RETRY_DELAYS", default_value_t = RetryDelays::default())]
+    pub retry_delays: RetryDelays,
+}
+
+impl BrokerSettings {
+    /// Local defaults under another name prefix (what every test starts from).
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            name_prefix: prefix.to_owned(),
+            ..Self::default()
+        }
     }
-    Ok(Delays(delays))
+
+    pub fn names(&self) -> Names {
+        Names::with_retry_delays(&self.name_prefix, self.retry_delays.clone())
+    }
 }
 
 #[derive(Args, Clone, Debug)]
-pub struct DatabaseArgs {
+pub struct DatabaseSettings {
     /// PostgreSQL URL; `migrate` creates the database if it is missing.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
@@ -86,8 +111,17 @@ pub struct DatabaseArgs {
     pub db_pool_size: usize,
 }
 
-#[derive(Args, Clone, Debug)]
-pub struct SecretArgs {
+impl DatabaseSettings {
+    pub fn with_url(database_url: &str) -> Self {
+        Self {
+            database_url: database_url.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct SecretSettings {
     /// Webhook secrets as `webhook_id=secret` pairs, comma separated. An id may appear twice
     /// during a rotation; `*` matches any id.
     #[arg(long, env = "CATENA_WEBHOOK_SECRETS", hide_env_values = true)]
@@ -109,7 +143,7 @@ pub enum SecretLoadError {
     Parse(#[from] SecretsError),
 }
 
-impl SecretArgs {
+impl SecretSettings {
     pub fn load(&self) -> Result<SecretStore, SecretLoadError> {
         let mut store = SecretStore::default();
         if let Some(text) = &self.webhook_secrets {
@@ -127,10 +161,14 @@ impl SecretArgs {
 }
 
 #[derive(Args, Clone, Debug)]
-pub struct RelayArgs {
+pub struct RelaySettings {
     /// Address the relay listens on (webhooks, /healthz, /readyz, /metrics).
-    #[arg(long, env = "RELAY_LISTEN", default_value = "0.0.0.0:8080")]
-    pub relay_listen: String,
+    #[arg(
+        long = "relay-listen",
+        env = "RELAY_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub listen: String,
 
     /// Largest accepted request body as sent (compressed), in bytes: larger is 413.
     #[arg(long, env = "RELAY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
@@ -160,10 +198,23 @@ pub struct RelayArgs {
     /// Deadline for reading a request body (slow clients get 408).
     #[arg(long, env = "RELAY_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,
+
+    /// How far `X-Catena-Timestamp` may lie in the past and the future (Catena's documented
+    /// 5 minutes and 60 s; not a flag).
+    #[arg(skip)]
+    pub window: Window,
+}
+
+/// What the relay runs with.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub relay: RelaySettings,
+    pub broker: BrokerSettings,
+    pub secrets: SecretStore,
 }
 
 #[derive(Args, Clone, Debug)]
-pub struct WorkerArgs {
+pub struct WorkerSettings {
     /// Address of the worker's /healthz, /readyz and /metrics.
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: String,
@@ -178,7 +229,7 @@ pub struct WorkerArgs {
     pub prefetch: u16,
 
     /// Most messages applied in one transaction.
-    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 500)]
+    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     pub batch_size: usize,
 
     /// After the first message of a batch, how long to wait for more before committing.
@@ -193,25 +244,92 @@ pub struct WorkerArgs {
     #[arg(long, env = "WORKER_NO_MIGRATE", default_value_t = false)]
     pub no_migrate: bool,
 
+    #[command(flatten)]
+    pub rules: Rules,
+
+    #[command(flatten)]
+    pub notifier: NotifierSettings,
+}
+
+/// Tunable state rules.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct Rules {
+    /// More than this many distinct failed executions of one schedule inside the window raise
+    /// one `warning` notification per window.
+    #[arg(
+        long = "execution-failure-threshold",
+        env = "EXECUTION_FAILURE_THRESHOLD",
+        default_value_t = 3
+    )]
+    pub failure_threshold: i32,
+
+    /// The window for EXECUTION_FAILURE_THRESHOLD.
+    #[arg(long = "execution-failure-window", env = "EXECUTION_FAILURE_WINDOW", default_value = "1h", value_parser = parse_duration)]
+    pub failure_window: Duration,
+}
+
+/// Where alert notifications go, and how often the notifier looks.
+#[derive(Args, Clone, Debug)]
+pub struct NotifierSettings {
     /// Alertmanager base URL (e.g. http://127.0.0.1:9093); alerts are also always in the table.
     #[arg(long, env = "ALERTMANAGER_URL")]
     pub alertmanager_url: Option<String>,
 
     /// A JSON webhook for alert notifications (Slack-compatible `text` field).
-    #[arg(long, env = "ALERT_WEBHOOK_URL", hide_env_values = true)]
-    pub alert_webhook_url: Option<String>,
+    #[arg(
+        long = "alert-webhook-url",
+        env = "ALERT_WEBHOOK_URL",
+        hide_env_values = true
+    )]
+    pub webhook_url: Option<String>,
 
     /// Open alerts are re-sent to Alertmanager this often (keep it under its resolve_timeout).
-    #[arg(long, env = "ALERT_REFIRE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
-    pub alert_refire_interval: Duration,
+    #[arg(long = "alert-refire-interval", env = "ALERT_REFIRE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub refire_interval: Duration,
 
-    /// More than this many failed executions of one schedule inside the window raise a warning.
-    #[arg(long, env = "EXECUTION_FAILURE_THRESHOLD", default_value_t = 3)]
-    pub execution_failure_threshold: i32,
+    /// How often pending outbox rows are looked for (not a flag).
+    #[arg(skip = Duration::from_millis(500))]
+    pub poll_interval: Duration,
 
-    /// The window for EXECUTION_FAILURE_THRESHOLD.
-    #[arg(long, env = "EXECUTION_FAILURE_WINDOW", default_value = "1h", value_parser = parse_duration)]
-    pub execution_failure_window: Duration,
+    /// How often the state gauges are read from PostgreSQL (not a flag).
+    #[arg(skip = Duration::from_secs(15))]
+    pub gauge_interval: Duration,
+
+    /// Outbox rows claimed per transaction (not a flag).
+    #[arg(skip = 50)]
+    pub batch: i64,
+}
+
+/// What a worker process runs with.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub worker: WorkerSettings,
+    pub broker: BrokerSettings,
+    pub database: DatabaseSettings,
+}
+
+/// How `send` delivers, Catena-style.
+#[derive(Args, Clone, Debug)]
+pub struct DeliverySettings {
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+
+    /// Requests per second (0 = as fast as the concurrency allows).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+
+    /// Retries after a 5xx or a timeout, as Catena does.
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
+
+    /// Per-request timeout (Catena waits 3 s).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Send uncompressed bodies.
+    #[arg(long)]
+    pub no_gzip: bool,
 }
 
 #[cfg(test)]
@@ -219,13 +337,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_delays() {
+    fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("5d").is_err());
-        assert_eq!(parse_delays("1s, 2s").unwrap().0.len(), 2);
-        assert!(parse_delays("").is_err());
+    }
+
+    #[test]
+    fn defaults_ignore_the_environment() {
+        #[derive(Args)]
+        struct Probe {
+            #[arg(long, env = "PATH", default_value = "unset")]
+            path: String,
+        }
+        assert!(std::env::var_os("PATH").is_some());
+        assert_eq!(clap_defaults::<Probe>().path, "unset");
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let worker = WorkerSettings::default();
+        assert_eq!(worker.batch_size, 500);
+        assert_eq!(worker.batch_wait, Duration::from_millis(2));
+        assert_eq!(worker.rules.failure_threshold, 3);
+        assert_eq!(worker.rules.failure_window, Duration::from_secs(3600));
+        assert_eq!(worker.notifier.poll_interval, Duration::from_millis(500));
+        assert_eq!(worker.notifier.batch, 50);
+        let relay = RelaySettings::default();
+        assert_eq!(relay.confirm_timeout, Duration::from_secs(2));
+        assert_eq!(relay.max_body_bytes, 1024 * 1024);
+        let broker = BrokerSettings::default();
+        assert_eq!(broker.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(broker.names().events_queue, "catena.events");
+        assert_eq!(broker.names().retry_tier_count(), 4);
+        assert_eq!(DatabaseSettings::default().db_pool_size, 8);
+        assert_eq!(DeliverySettings::default().retries, 3);
+    }
+
+    #[test]
+    fn a_zero_batch_size_is_refused() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            worker: WorkerSettings,
+        }
+        use clap::Parser;
+        assert!(Cli::try_parse_from(["x", "--batch-size", "0"]).is_err());
+        assert_eq!(
+            Cli::try_parse_from(["x", "--batch-size", "20"])
+                .unwrap()
+                .worker
+                .batch_size,
+            20
+        );
     }
 }

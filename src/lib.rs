@@ -1,27 +1,47 @@
 //! catena-ingest: verified Catena webhooks -> RabbitMQ -> exactly-once fleet state in PostgreSQL.
 //!
-//! One module per concept. The binary (`src/main.rs`) only parses the command line and calls
-//! into these; integration tests drive the same entry points in-process.
+//! # Layout
+//!
+//! One folder per component, one module per concept. The binary (`src/main.rs`, `src/cli/`, one
+//! file per subcommand) only parses the command line and calls into these; the integration
+//! tests (`tests/it/`) drive the same entry points in-process.
+//!
+//! The pipeline, in the order an event travels:
+//! - [`relay`]: the HTTP edge. [`relay::handler`](relay) runs one request: cap, [`relay::gunzip`],
+//!   [`relay::signature`] with [`relay::secrets`], publish with a confirm, answer.
+//! - [`message`]: the AMQP message contract (every header and property, their builders and
+//!   readers, [`message::ParkReason`]) shared by relay, worker, `parked` and the load generator.
+//! - [`broker`]: RabbitMQ connections, the confirmed [`broker::Publisher`] and the
+//!   [`broker::topology`] (queue names, retry tiers, parking lot).
+//! - [`worker`]: consumers that gather batches, apply them, ack after commit, and reroute
+//!   failures to a retry tier or the parking lot.
+//! - [`envelope`]: decoding Catena's envelope into an [`envelope::Event`] with its dedup key and
+//!   event time.
+//! - [`state`]: applying a batch to the read model; `state::plan` is the pure state rules,
+//!   `state::sql` the statements, `state::locks` the entity locks.
+//! - [`alerts`]: alert kinds, the outbox notifier and its sinks, the state gauges.
+//!
+//! Infrastructure: [`config`] (the settings tree, where every default is written once),
+//! [`store`] (PostgreSQL pool, [`store::DbError`] classification, migrations), [`retry`] (the
+//! one reconnect backoff), [`tls`], [`metrics`] (every metric name: a public contract),
+//! [`telemetry`], [`shutdown`].
+//!
+//! Around the pipeline: [`ops`] (what the operator commands `parked`, `fleet` and `alerts` do)
+//! and [`loadgen`] (scenarios, Catena-style sending, end-to-end reports).
 
 pub mod alerts;
-pub mod bench;
 pub mod broker;
 pub mod config;
-pub mod db;
-pub mod dev;
 pub mod envelope;
-pub mod fleet;
-pub mod gunzip;
+pub mod loadgen;
+pub mod message;
 pub mod metrics;
-pub mod parked;
+pub mod ops;
 pub mod relay;
-pub mod scenario;
-pub mod secrets;
-pub mod send;
+pub mod retry;
 pub mod shutdown;
-pub mod signature;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
-pub mod topology;
 pub mod worker;

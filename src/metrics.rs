@@ -9,17 +9,9 @@ use prometheus::{
     TextEncoder,
 };
 
-/// Relay outcomes, fixed so every series exists from the first scrape.
-pub const RELAY_OUTCOMES: [&str; 8] = [
-    "accepted",
-    "invalid_signature",
-    "stale_timestamp",
-    "bad_request",
-    "too_large",
-    "unavailable",
-    "method_not_allowed",
-    "not_found",
-];
+use crate::alerts::AlertKind;
+use crate::relay::Outcome as RelayOutcome;
+use crate::worker::Outcome as WorkerOutcome;
 
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -54,8 +46,8 @@ impl RelayMetrics {
             )
             .unwrap(),
         );
-        for outcome in RELAY_OUTCOMES {
-            requests.with_label_values(&[outcome]);
+        for outcome in RelayOutcome::ALL {
+            requests.with_label_values(&[outcome.as_str()]);
         }
         Self {
             requests,
@@ -101,10 +93,36 @@ impl RelayMetrics {
     }
 }
 
-pub const ALERT_KINDS: [&str; 2] = ["connection_stale", "schedule_deactivated"];
+/// Event names used as metric labels; anything else is `other`, so label cardinality is bounded.
+const KNOWN_EVENTS: [&str; 18] = [
+    "invitation.created",
+    "invitation.sent",
+    "invitation.viewed",
+    "invitation.accepted",
+    "invitation.declined",
+    "invitation.rejected",
+    "invitation.expired",
+    "invitation.deleted",
+    "share_agreement.created",
+    "share_agreement.updated",
+    "share_agreement.deleted",
+    "connection.created",
+    "connection.staled",
+    "fleet_connection.created",
+    "execution.failed",
+    "schedule.deactivated",
+    "webhook.staled",
+    "webhook.paused",
+];
 
-/// Worker outcomes per event.
-pub const WORKER_OUTCOMES: [&str; 5] = ["applied", "duplicate", "retried", "parked", "ignored"];
+/// The `event_name` label for an event name.
+pub fn event_label(name: &str) -> &'static str {
+    KNOWN_EVENTS
+        .iter()
+        .find(|k| **k == name)
+        .copied()
+        .unwrap_or("other")
+}
 
 #[derive(Clone)]
 pub struct WorkerMetrics {
@@ -206,8 +224,8 @@ impl WorkerMetrics {
                     )
                     .unwrap(),
                 );
-                for kind in ALERT_KINDS {
-                    raised.with_label_values(&[kind]);
+                for kind in AlertKind::ALL {
+                    raised.with_label_values(&[kind.as_str()]);
                 }
                 raised
             },
@@ -280,6 +298,19 @@ impl WorkerMetrics {
                 notifications
             },
         }
+    }
+}
+
+impl WorkerMetrics {
+    /// Count one event's outcome (`catena_worker_events_total`).
+    pub fn count_event(&self, event_name: &str, outcome: WorkerOutcome) {
+        self.events
+            .with_label_values(&[event_label(event_name), outcome.as_str()])
+            .inc();
+    }
+
+    pub fn count_alert_raised(&self, kind: AlertKind) {
+        self.alerts_raised.with_label_values(&[kind.as_str()]).inc();
     }
 }
 

@@ -1,10 +1,10 @@
 //! State gauges read from PostgreSQL (and the parking lot depth from RabbitMQ). Every replica
 //! reports the same numbers, so dashboards aggregate them with `max`, not `sum`.
 
-use crate::broker::Publisher;
-use crate::db::DbError;
-use crate::metrics::{ALERT_KINDS, WorkerMetrics};
-use crate::topology::Names;
+use super::AlertKind;
+use crate::broker::{Names, Publisher};
+use crate::metrics::WorkerMetrics;
+use crate::store::DbError;
 
 /// One cheap query (index-only counts on small tables) for every state gauge.
 const STATE_COUNTS: &str = "
@@ -21,8 +21,11 @@ pub async fn refresh_gauges(
 ) -> Result<(), DbError> {
     let rows = client.query(STATE_COUNTS, &[]).await?;
     // Zero every known series first, so a value that dropped to nothing reads 0, not stale.
-    for kind in ALERT_KINDS {
-        metrics.alerts_open.with_label_values(&[kind]).set(0);
+    for kind in AlertKind::ALL {
+        metrics
+            .alerts_open
+            .with_label_values(&[kind.as_str()])
+            .set(0);
     }
     for status in ["active", "stale"] {
         metrics.connections.with_label_values(&[status]).set(0);

@@ -1,8 +1,8 @@
-//! Alerts that reach people: the transactional outbox, its notifier, the state gauges and the
-//! `alerts` CLI.
+//! Alerts that reach people: the alert kinds, the transactional outbox's notifier and sinks,
+//! and the state gauges. (`catena-ingest alerts`, the operator's side, is [`crate::ops::alerts`].)
 //!
 //! Alert rows and their outbox rows are written by the worker inside the state transaction
-//! (`state.rs`), so a notification exists if and only if its state change committed. The
+//! ([`crate::state`]), so a notification exists if and only if its state change committed. The
 //! notifier delivers outbox rows to the configured sinks, retrying with backoff, and never
 //! blocks event processing.
 
@@ -17,15 +17,53 @@ use serde::Serialize;
 use uuid::Uuid;
 
 pub use gauges::refresh_gauges;
-pub use notifier::{NotifierConfig, deliver_pending, spawn};
+pub use notifier::{deliver_pending, spawn};
 
-use crate::db::DbError;
+/// What an alert is about. The strings are the `alerts.kind` values (a CHECK constraint in
+/// `migrations/0001_read_model.sql`) and the `kind` label of the alert metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    ConnectionStale,
+    ScheduleDeactivated,
+}
+
+impl AlertKind {
+    pub const ALL: [AlertKind; 2] = [AlertKind::ConnectionStale, AlertKind::ScheduleDeactivated];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::ConnectionStale => "connection_stale",
+            AlertKind::ScheduleDeactivated => "schedule_deactivated",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// Alertmanager's `alertname`.
+    pub fn alertname(self) -> &'static str {
+        match self {
+            AlertKind::ConnectionStale => "CatenaConnectionStale",
+            AlertKind::ScheduleDeactivated => "CatenaScheduleDeactivated",
+        }
+    }
+
+    /// Stale connections want the fleet contacted; a deactivated schedule means no data flows.
+    pub fn severity(self) -> &'static str {
+        match self {
+            AlertKind::ConnectionStale => "warning",
+            AlertKind::ScheduleDeactivated => "page",
+        }
+    }
+}
 
 /// One row of `alerts`, as the CLI and the sinks see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Alert {
     pub alert_id: Uuid,
-    pub kind: String,
+    pub kind: AlertKind,
     pub subject_id: Uuid,
     pub fleet_id: Option<Uuid>,
     pub fleet_ref: Option<String>,
@@ -37,10 +75,10 @@ pub struct Alert {
 }
 
 impl Alert {
-    fn from_row(row: &tokio_postgres::Row) -> Self {
+    pub(crate) fn from_row(row: &tokio_postgres::Row) -> Self {
         Self {
             alert_id: row.get("alert_id"),
-            kind: row.get("kind"),
+            kind: AlertKind::parse(row.get("kind")).expect("alerts.kind is checked by the schema"),
             subject_id: row.get("subject_id"),
             fleet_id: row.get("fleet_id"),
             fleet_ref: row.get("fleet_ref"),
@@ -52,30 +90,14 @@ impl Alert {
         }
     }
 
-    /// Alertmanager's `alertname` for this kind.
-    pub fn alertname(&self) -> &'static str {
-        match self.kind.as_str() {
-            "connection_stale" => "CatenaConnectionStale",
-            _ => "CatenaScheduleDeactivated",
-        }
-    }
-
-    /// Stale connections want the fleet contacted; a deactivated schedule means no data flows.
-    pub fn severity(&self) -> &'static str {
-        match self.kind.as_str() {
-            "connection_stale" => "warning",
-            _ => "page",
-        }
-    }
-
     pub fn summary(&self) -> String {
         let fleet = self.fleet_ref.as_deref().unwrap_or("unknown fleet");
-        match self.kind.as_str() {
-            "connection_stale" => format!(
+        match self.kind {
+            AlertKind::ConnectionStale => format!(
                 "TSP connection {} of {fleet} is stale: Catena stopped fetching its data",
                 self.subject_id
             ),
-            _ => format!(
+            AlertKind::ScheduleDeactivated => format!(
                 "Fetch schedule {} ({}) of {fleet} was deactivated after repeated failures",
                 self.subject_id,
                 self.details["resource"]
@@ -86,103 +108,18 @@ impl Alert {
     }
 
     pub fn action(&self) -> &'static str {
-        match self.kind.as_str() {
-            "connection_stale" => {
+        match self.kind {
+            AlertKind::ConnectionStale => {
                 "The fleet must re-authenticate with its TSP through its invitation (magic) link; send it the link again. The alert resolves when Catena reports the connection active."
             }
-            _ => {
+            AlertKind::ScheduleDeactivated => {
                 "No data flows for this resource. Check the TSP side of the connection with the fleet, then have the schedule reactivated in Catena; resolve the alert by hand with `catena-ingest alerts resolve`."
             }
         }
     }
 }
 
-const ALERT_COLUMNS: &str = "alert_id, kind, subject_id, fleet_id, fleet_ref, state, opened_at, resolved_at, resolution, details";
-
-/// Filters for `alerts list`.
-#[derive(Debug, Default, Clone)]
-pub struct ListFilter {
-    pub open_only: bool,
-    pub kind: Option<String>,
-    pub fleet_ref: Option<String>,
-    pub limit: i64,
-}
-
-pub async fn list(
-    client: &tokio_postgres::Client,
-    filter: &ListFilter,
-) -> Result<Vec<Alert>, DbError> {
-    let sql = format!(
-        "SELECT {ALERT_COLUMNS} FROM alerts
-         WHERE ($1 = false OR state = 'open') AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR fleet_ref = $3)
-         ORDER BY opened_at DESC LIMIT $4"
-    );
-    let rows = client
-        .query(
-            &sql,
-            &[
-                &filter.open_only,
-                &filter.kind,
-                &filter.fleet_ref,
-                &filter.limit.max(1),
-            ],
-        )
-        .await?;
-    Ok(rows.iter().map(Alert::from_row).collect())
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error("no open alert with id {0}")]
-    NotOpen(Uuid),
-    #[error(transparent)]
-    Db(#[from] DbError),
-}
-
-/// Resolve by hand; the outbox row (same transaction) makes the sinks hear about it too.
-pub async fn resolve(
-    client: &tokio_postgres::Client,
-    alert_id: Uuid,
-    note: &str,
-) -> Result<(), ResolveError> {
-    let rows = client
-        .query(
-            "WITH resolved AS (
-                UPDATE alerts SET state = 'resolved', resolved_at = now(), resolution = 'manual',
-                       resolution_note = $2
-                WHERE alert_id = $1 AND state = 'open' RETURNING alert_id)
-             INSERT INTO alert_outbox (alert_id, action) SELECT alert_id, 'resolve' FROM resolved
-             RETURNING alert_id",
-            &[&alert_id, &note],
-        )
-        .await
-        .map_err(DbError::from)?;
-    if rows.is_empty() {
-        return Err(ResolveError::NotOpen(alert_id));
-    }
-    Ok(())
-}
-
-/// Print alerts as an aligned table.
-pub fn print_table(alerts: &[Alert]) {
-    println!(
-        "{:<36}  {:<20}  {:<8}  {:<16}  {:<25}  SUBJECT",
-        "ALERT_ID", "KIND", "STATE", "FLEET_REF", "OPENED_AT"
-    );
-    for a in alerts {
-        println!(
-            "{:<36}  {:<20}  {:<8}  {:<16}  {:<25}  {}",
-            a.alert_id,
-            a.kind,
-            a.state,
-            a.fleet_ref.as_deref().unwrap_or("-"),
-            a.opened_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            a.subject_id
-        );
-    }
-    println!("({} alerts)", alerts.len());
-}
+pub(crate) const ALERT_COLUMNS: &str = "alert_id, kind, subject_id, fleet_id, fleet_ref, state, opened_at, resolved_at, resolution, details";
 
 pub(crate) fn retry_delay(attempts: u32) -> Duration {
     use backoff::backoff::Backoff;
@@ -199,4 +136,19 @@ pub(crate) fn retry_delay(attempts: u32) -> Duration {
         delay = backoff.next_backoff().unwrap_or(Duration::from_secs(300));
     }
     delay
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_the_schema_values() {
+        let schema = include_str!("../../migrations/0001_read_model.sql");
+        for kind in AlertKind::ALL {
+            assert_eq!(AlertKind::parse(kind.as_str()), Some(kind));
+            assert!(schema.contains(&format!("'{}'", kind.as_str())));
+        }
+        assert_eq!(AlertKind::parse("other"), None);
+    }
 }

@@ -7,55 +7,27 @@
 //! connections.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::task::JoinHandle;
 
 use super::sinks::{Notification, Sink};
 use super::{ALERT_COLUMNS, Alert, retry_delay};
-use crate::broker::Publisher;
-use crate::db::DbError;
+use crate::broker::{Names, Publisher};
+use crate::config::NotifierSettings;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::Shutdown;
-use crate::topology::Names;
+use crate::store::DbError;
 
-#[derive(Debug, Clone)]
-pub struct NotifierConfig {
-    pub alertmanager_url: Option<String>,
-    pub webhook_url: Option<String>,
-    /// How often pending outbox rows are looked for.
-    pub poll_interval: Duration,
-    /// Open alerts are re-sent to Alertmanager this often (below its 5 min resolve_timeout).
-    pub refire_interval: Duration,
-    pub gauge_interval: Duration,
-    pub batch: i64,
-}
-
-impl Default for NotifierConfig {
-    fn default() -> Self {
-        Self {
-            alertmanager_url: None,
-            webhook_url: None,
-            poll_interval: Duration::from_millis(500),
-            refire_interval: Duration::from_secs(60),
-            gauge_interval: Duration::from_secs(15),
-            batch: 50,
-        }
+fn sinks(config: &NotifierSettings) -> Vec<Sink> {
+    let mut sinks = Vec::new();
+    if let Some(url) = &config.alertmanager_url {
+        sinks.push(Sink::alertmanager(url));
     }
-}
-
-impl NotifierConfig {
-    fn sinks(&self) -> Vec<Sink> {
-        let mut sinks = Vec::new();
-        if let Some(url) = &self.alertmanager_url {
-            sinks.push(Sink::alertmanager(url));
-        }
-        if let Some(url) = &self.webhook_url {
-            sinks.push(Sink::webhook(url));
-        }
-        sinks
+    if let Some(url) = &config.webhook_url {
+        sinks.push(Sink::webhook(url));
     }
+    sinks
 }
 
 /// Serialises re-firing across replicas (transaction-scoped advisory lock).
@@ -79,10 +51,10 @@ pub fn spawn(
     publisher: Publisher,
     names: Names,
     metrics: WorkerMetrics,
-    config: NotifierConfig,
+    config: NotifierSettings,
     shutdown: Shutdown,
 ) -> JoinHandle<()> {
-    let sinks = Arc::new(config.sinks());
+    let sinks = Arc::new(sinks(&config));
     tokio::spawn(async move {
         let mut poll = tokio::time::interval(config.poll_interval);
         let mut refire = tokio::time::interval(config.refire_interval);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use serde_json::{Value, json};
 
-use super::Alert;
+use super::{Alert, AlertKind};
 
 /// What one outbox row announces.
 pub enum Notification {
@@ -110,8 +110,8 @@ fn ts(t: chrono::DateTime<Utc>) -> String {
 
 fn labels(alert: &Alert) -> serde_json::Map<String, Value> {
     let mut labels = serde_json::Map::new();
-    labels.insert("alertname".into(), alert.alertname().into());
-    labels.insert("severity".into(), alert.severity().into());
+    labels.insert("alertname".into(), alert.kind.alertname().into());
+    labels.insert("severity".into(), alert.kind.severity().into());
     labels.insert("alert_id".into(), alert.alert_id.to_string().into());
     if let Some(fleet_ref) = &alert.fleet_ref {
         labels.insert("fleet_ref".into(), fleet_ref.clone().into());
@@ -119,7 +119,7 @@ fn labels(alert: &Alert) -> serde_json::Map<String, Value> {
     if let Some(fleet_id) = alert.fleet_id {
         labels.insert("fleet_id".into(), fleet_id.to_string().into());
     }
-    let subject = if alert.kind == "connection_stale" {
+    let subject = if alert.kind == AlertKind::ConnectionStale {
         "connection_id"
     } else {
         "schedule_id"

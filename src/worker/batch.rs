@@ -9,51 +9,21 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backoff::backoff::Backoff;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use futures::FutureExt;
 use lapin::message::Delivery;
 
-use crate::broker::{self, Publisher};
-use crate::db::{DbError, Failure};
+use super::Outcome;
+use super::reroute::{self, Rerouted};
+use crate::broker::{Names, Publisher};
 use crate::envelope::{self, DecodeError, Event};
+use crate::message::{self, ParkReason};
 use crate::metrics::WorkerMetrics;
-use crate::relay::RECEIVED_AT_HEADER;
+use crate::retry::{next_wait, reconnect_backoff};
 use crate::shutdown::Shutdown;
 use crate::state::{self, Applied, BatchResult, Incoming};
-use crate::topology::Names;
-use crate::worker::reroute::{self, ParkReason, Rerouted};
-
-/// Event names used as metric labels; anything else is `other`, so label cardinality is bounded.
-const KNOWN_EVENTS: [&str; 18] = [
-    "invitation.created",
-    "invitation.sent",
-    "invitation.viewed",
-    "invitation.accepted",
-    "invitation.declined",
-    "invitation.rejected",
-    "invitation.expired",
-    "invitation.deleted",
-    "share_agreement.created",
-    "share_agreement.updated",
-    "share_agreement.deleted",
-    "connection.created",
-    "connection.staled",
-    "fleet_connection.created",
-    "execution.failed",
-    "schedule.deactivated",
-    "webhook.staled",
-    "webhook.paused",
-];
-
-pub fn event_label(name: &str) -> &'static str {
-    KNOWN_EVENTS
-        .iter()
-        .find(|k| **k == name)
-        .copied()
-        .unwrap_or("other")
-}
+use crate::store::{DbError, Failure};
 
 /// What to do with a delivery once the batch is through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,12 +52,6 @@ struct Message<'a> {
     decoded: Result<Event, DecodeError>,
 }
 
-fn received_at(delivery: &Delivery) -> Option<DateTime<Utc>> {
-    reroute::header_str(delivery, RECEIVED_AT_HEADER)
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-}
-
 /// Handle a batch of deliveries; returns one disposition per delivery, in order.
 pub async fn process(ctx: &Arc<Context>, deliveries: &[Delivery]) -> Vec<Disposition> {
     let started = Instant::now();
@@ -95,7 +59,7 @@ pub async fn process(ctx: &Arc<Context>, deliveries: &[Delivery]) -> Vec<Disposi
     let messages: Vec<Message<'_>> = deliveries
         .iter()
         .map(|delivery| {
-            let received_at = received_at(delivery);
+            let received_at = message::received_at(&delivery.properties);
             Message {
                 delivery,
                 received_at,
@@ -143,10 +107,11 @@ fn event_of<'a>(message: &'a Message<'_>) -> &'a Event {
         .expect("only valid messages are applied")
 }
 
-fn label(message: &Message<'_>) -> &'static str {
+/// The event name to count a message under: its own, else the routing key it came with.
+fn event_name<'a>(message: &'a Message<'_>) -> &'a str {
     match &message.decoded {
-        Ok(event) => event_label(&event.event_name),
-        Err(_) => event_label(message.delivery.routing_key.as_str()),
+        Ok(event) => &event.event_name,
+        Err(_) => message.delivery.routing_key.as_str(),
     }
 }
 
@@ -159,9 +124,7 @@ async fn park(
     match reroute::park(&ctx.publisher, &ctx.names, message.delivery, reason, detail).await {
         Ok(()) => {
             ctx.metrics
-                .events
-                .with_label_values(&[label(message), "parked"])
-                .inc();
+                .count_event(event_name(message), Outcome::Parked);
             Disposition::Ack
         }
         Err(error) => {
@@ -176,9 +139,7 @@ async fn retry(ctx: &Context, message: &Message<'_>, detail: &str) -> Dispositio
         Ok(Rerouted::Retried(queue)) => {
             tracing::info!(queue, detail, "message sent to a retry tier");
             ctx.metrics
-                .events
-                .with_label_values(&[label(message), "retried"])
-                .inc();
+                .count_event(event_name(message), Outcome::Retried);
             Disposition::Ack
         }
         Ok(Rerouted::Parked(reason)) => {
@@ -188,9 +149,7 @@ async fn retry(ctx: &Context, message: &Message<'_>, detail: &str) -> Dispositio
                 "retries exhausted, message parked"
             );
             ctx.metrics
-                .events
-                .with_label_values(&[label(message), "parked"])
-                .inc();
+                .count_event(event_name(message), Outcome::Parked);
             Disposition::Ack
         }
         Err(error) => {
@@ -239,9 +198,7 @@ fn record_success(
     for (&i, applied) in indexes.iter().zip(&result.applied) {
         let message = &messages[i];
         ctx.metrics
-            .events
-            .with_label_values(&[label(message), applied.outcome()])
-            .inc();
+            .count_event(event_name(message), (*applied).into());
         if *applied == Applied::Applied
             && let Some(received) = message.received_at
         {
@@ -250,7 +207,7 @@ fn record_success(
         }
     }
     for kind in &result.alerts_opened {
-        ctx.metrics.alerts_raised.with_label_values(&[kind]).inc();
+        ctx.metrics.count_alert_raised(*kind);
     }
 }
 
@@ -262,7 +219,7 @@ async fn apply_valid(
     valid: &[usize],
     dispositions: &mut [Disposition],
 ) {
-    let mut unavailable = broker::reconnect_backoff();
+    let mut unavailable = reconnect_backoff();
     let mut transient_failures = 0;
     loop {
         match attempt(ctx, messages, valid).await {
@@ -274,7 +231,7 @@ async fn apply_valid(
             Attempt::Failed(error) => match error.classify() {
                 Failure::Unavailable => {
                     ctx.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
-                    let wait = unavailable.next_backoff().unwrap_or(Duration::from_secs(5));
+                    let wait = next_wait(&mut unavailable);
                     tracing::warn!(%error, retry_in = ?wait, batch = valid.len(), "database unavailable, holding the batch");
                     tokio::select! {
                         _ = ctx.shutdown.wait() => {
@@ -317,7 +274,7 @@ async fn one_by_one(
     dispositions: &mut [Disposition],
 ) {
     for &i in valid {
-        let mut unavailable = broker::reconnect_backoff();
+        let mut unavailable = reconnect_backoff();
         loop {
             match attempt(ctx, messages, &[i]).await {
                 Attempt::Done(result) => {
@@ -336,7 +293,7 @@ async fn one_by_one(
                 Attempt::Failed(error) => match error.classify() {
                     Failure::Unavailable => {
                         ctx.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
-                        let wait = unavailable.next_backoff().unwrap_or(Duration::from_secs(5));
+                        let wait = next_wait(&mut unavailable);
                         tokio::select! {
                             _ = ctx.shutdown.wait() => {
                                 dispositions[i] = Disposition::Requeue;

@@ -7,69 +7,48 @@
 //! no-op, which is exactly-once effect on at-least-once delivery.
 
 mod batch;
-pub mod reroute;
+mod consumer;
+mod reroute;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use backoff::backoff::Backoff;
-use futures::{FutureExt, StreamExt};
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use batch::{Context, Disposition, event_label};
-
-use crate::broker::{self, Publisher};
-use crate::db;
+use crate::broker::Publisher;
+pub use crate::config::WorkerConfig;
 use crate::metrics::{self, WorkerMetrics};
+use crate::retry::{next_wait, reconnect_backoff};
 use crate::shutdown::Shutdown;
-use crate::topology::Names;
+use crate::store::{self, DbError, Failure};
+use batch::Context;
 
-#[derive(Clone, Debug)]
-pub struct WorkerConfig {
-    pub amqp_url: String,
-    pub names: Names,
-    pub database_url: String,
-    pub db_pool_size: usize,
-    pub metrics_listen: String,
-    pub consumers: usize,
-    pub prefetch: u16,
-    pub batch_size: usize,
-    pub batch_wait: Duration,
-    pub drain_timeout: Duration,
-    pub migrate: bool,
-    pub rules: crate::state::Rules,
-    pub notifier: crate::alerts::NotifierConfig,
+/// The `outcome` label of `catena_worker_events_total`: what became of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    Retried,
+    Parked,
+    Ignored,
 }
 
-impl WorkerConfig {
-    pub fn new(amqp_url: &str, names: Names, database_url: &str) -> Self {
-        Self {
-            amqp_url: amqp_url.to_owned(),
-            names,
-            database_url: database_url.to_owned(),
-            db_pool_size: 8,
-            metrics_listen: "127.0.0.1:0".into(),
-            consumers: 1,
-            prefetch: 1000,
-            batch_size: 500,
-            batch_wait: Duration::from_millis(2),
-            drain_timeout: Duration::from_secs(20),
-            migrate: true,
-            rules: crate::state::Rules::default(),
-            notifier: crate::alerts::NotifierConfig::default(),
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Retried => "retried",
+            Outcome::Parked => "parked",
+            Outcome::Ignored => "ignored",
         }
     }
 }
@@ -77,7 +56,7 @@ impl WorkerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("{0}")]
-    Db(#[from] db::DbError),
+    Db(#[from] DbError),
     #[error("binding the metrics listener: {0}")]
     Bind(#[from] std::io::Error),
 }
@@ -89,9 +68,9 @@ pub struct RunningWorker {
     pub registry: Registry,
 }
 
-struct Health {
+pub(crate) struct Health {
     ctx: Arc<Context>,
-    consuming: AtomicUsize,
+    pub(crate) consuming: AtomicUsize,
     consumers: usize,
     registry: Registry,
 }
@@ -109,34 +88,36 @@ impl Health {
 pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWorker, WorkerError> {
     let registry = Registry::new();
     let metrics = WorkerMetrics::new(&registry);
-    let listener = TcpListener::bind(&config.metrics_listen).await?;
+    let settings = &config.worker;
+    let listener = TcpListener::bind(&settings.metrics_listen).await?;
     let metrics_addr = listener.local_addr()?;
-    if config.migrate {
-        migrate_with_retry(&config.database_url, &shutdown).await?;
+    if !settings.no_migrate {
+        migrate_with_retry(&config.database.database_url, &shutdown).await?;
     }
-    let pool = db::pool(&config.database_url, config.db_pool_size)?;
-    metrics.pool_max.set(config.db_pool_size as i64);
+    let pool = store::pool(&config.database.database_url, config.database.db_pool_size)?;
+    metrics.pool_max.set(config.database.db_pool_size as i64);
+    let names = config.broker.names();
     let broker_shutdown = Shutdown::new();
     let publisher = Publisher::start(
-        &config.amqp_url,
+        &config.broker.amqp_url,
         "catena-ingest worker (reroute)",
-        config.names.clone(),
+        names.clone(),
         2,
         broker_shutdown.clone(),
     );
     let ctx = Arc::new(Context {
         pool,
         publisher,
-        names: config.names.clone(),
+        names: names.clone(),
         metrics,
         shutdown: shutdown.clone(),
         db_ok: AtomicBool::new(true),
-        rules: config.rules,
+        rules: settings.rules,
     });
     let health = Arc::new(Health {
         ctx: ctx.clone(),
         consuming: AtomicUsize::new(0),
-        consumers: config.consumers.max(1),
+        consumers: settings.consumers.max(1),
         registry: registry.clone(),
     });
     let server = {
@@ -156,22 +137,22 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
     let notifier = crate::alerts::spawn(
         ctx.pool.clone(),
         ctx.publisher.clone(),
-        config.names.clone(),
+        names,
         ctx.metrics.clone(),
-        config.notifier.clone(),
+        settings.notifier.clone(),
         shutdown.clone(),
     );
 
     let mut consumers = Vec::new();
-    for index in 0..config.consumers.max(1) {
-        consumers.push(tokio::spawn(consume(
+    for index in 0..settings.consumers.max(1) {
+        consumers.push(tokio::spawn(consumer::consume(
             index,
             config.clone(),
             ctx.clone(),
             health.clone(),
         )));
     }
-    let drain = config.drain_timeout;
+    let drain = settings.drain_timeout;
     let handle = tokio::spawn(async move {
         shutdown.wait().await;
         tracing::info!(deadline = ?drain, "worker draining");
@@ -184,7 +165,7 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
         let _ = server.await;
         tracing::info!("worker stopped");
     });
-    tracing::info!(%metrics_addr, consumers = config.consumers, "worker started");
+    tracing::info!(%metrics_addr, consumers = config.worker.consumers, "worker started");
     Ok(RunningWorker {
         metrics_addr,
         handle,
@@ -192,15 +173,13 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
     })
 }
 
-async fn migrate_with_retry(database_url: &str, shutdown: &Shutdown) -> Result<(), db::DbError> {
-    let mut backoff = broker::reconnect_backoff();
+async fn migrate_with_retry(database_url: &str, shutdown: &Shutdown) -> Result<(), DbError> {
+    let mut backoff = reconnect_backoff();
     loop {
-        match db::migrate(database_url).await {
+        match store::migrate(database_url).await {
             Ok(_) => return Ok(()),
-            Err(error)
-                if error.classify() == db::Failure::Unavailable && !shutdown.is_triggered() =>
-            {
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+            Err(error) if error.classify() == Failure::Unavailable && !shutdown.is_triggered() => {
+                let wait = next_wait(&mut backoff);
                 tracing::warn!(%error, retry_in = ?wait, "database not reachable for migrations");
                 tokio::time::sleep(wait).await;
             }
@@ -231,144 +210,4 @@ async fn metrics_text(State(health): State<Arc<Health>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics::render(&health.registry),
     )
-}
-
-async fn open_consumer(
-    config: &WorkerConfig,
-    index: usize,
-) -> lapin::Result<(Connection, Channel, Consumer)> {
-    let connection = broker::connect(
-        &config.amqp_url,
-        &format!("catena-ingest worker consumer {index}"),
-    )
-    .await?;
-    let channel = connection.create_channel().await?;
-    crate::topology::declare(&channel, &config.names).await?;
-    channel
-        .basic_qos(config.prefetch, BasicQosOptions::default())
-        .await?;
-    let consumer = channel
-        .basic_consume(
-            config.names.events_queue.as_str().into(),
-            format!("catena-ingest-{}-{index}", std::process::id())
-                .as_str()
-                .into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((connection, channel, consumer))
-}
-
-enum Gathered {
-    Batch(Vec<Delivery>),
-    Shutdown,
-    Broken,
-}
-
-async fn gather(consumer: &mut Consumer, config: &WorkerConfig, shutdown: &Shutdown) -> Gathered {
-    let first = tokio::select! {
-        _ = shutdown.wait() => return Gathered::Shutdown,
-        next = consumer.next() => match next {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(error)) => {
-                tracing::warn!(%error, "consumer error");
-                return Gathered::Broken;
-            }
-            None => return Gathered::Broken,
-        },
-    };
-    let mut batch = Vec::with_capacity(config.batch_size.min(1024));
-    batch.push(first);
-    let deadline = tokio::time::Instant::now() + config.batch_wait;
-    while batch.len() < config.batch_size {
-        // Take what is already buffered without waiting; then wait up to the deadline.
-        let next = match consumer.next().now_or_never() {
-            Some(next) => next,
-            None if config.batch_wait.is_zero() => break,
-            None => match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(next) => next,
-                Err(_) => break,
-            },
-        };
-        match next {
-            Some(Ok(delivery)) => batch.push(delivery),
-            _ => break,
-        }
-    }
-    Gathered::Batch(batch)
-}
-
-/// Ack everything with one multiple-ack when the whole batch is done; otherwise settle each.
-async fn settle(
-    channel: &Channel,
-    batch: &[Delivery],
-    dispositions: &[Disposition],
-) -> lapin::Result<()> {
-    if dispositions.iter().all(|d| *d == Disposition::Ack) {
-        let last = batch.last().expect("batches are never empty").delivery_tag;
-        return channel
-            .basic_ack(last, BasicAckOptions { multiple: true })
-            .await;
-    }
-    for (delivery, disposition) in batch.iter().zip(dispositions) {
-        match disposition {
-            Disposition::Ack => {
-                channel
-                    .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
-                    .await?
-            }
-            Disposition::Requeue => {
-                channel
-                    .basic_nack(
-                        delivery.delivery_tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await?
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn consume(index: usize, config: WorkerConfig, ctx: Arc<Context>, health: Arc<Health>) {
-    let mut backoff = broker::reconnect_backoff();
-    while !ctx.shutdown.is_triggered() {
-        let (connection, channel, mut consumer) = match open_consumer(&config, index).await {
-            Ok(opened) => opened,
-            Err(error) => {
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(consumer = index, %error, retry_in = ?wait, "cannot consume, retrying");
-                tokio::select! {
-                    _ = ctx.shutdown.wait() => break,
-                    _ = tokio::time::sleep(wait) => continue,
-                }
-            }
-        };
-        backoff.reset();
-        health.consuming.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(consumer = index, queue = %config.names.events_queue, "consuming");
-        loop {
-            let batch = match gather(&mut consumer, &config, &ctx.shutdown).await {
-                Gathered::Batch(batch) => batch,
-                Gathered::Shutdown | Gathered::Broken => break,
-            };
-            ctx.metrics.inflight.add(batch.len() as i64);
-            let dispositions = batch::process(&ctx, &batch).await;
-            let settled = settle(&channel, &batch, &dispositions).await;
-            ctx.metrics.inflight.sub(batch.len() as i64);
-            if let Err(error) = settled {
-                // Committed but not acked: the broker redelivers and dedup makes it a no-op.
-                tracing::warn!(consumer = index, %error, "ack failed, reconnecting");
-                break;
-            }
-        }
-        health.consuming.fetch_sub(1, Ordering::Relaxed);
-        // Unacked prefetched messages return to the queue when the channel closes.
-        let _ = connection.close(200, "consumer stopping".into()).await;
-    }
-    tracing::info!(consumer = index, "consumer stopped");
 }

@@ -5,91 +5,13 @@
 
 use std::time::Duration;
 
-use chrono::{SecondsFormat, Utc};
-use lapin::BasicProperties;
+use chrono::Utc;
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, ShortString};
 
-use crate::broker::{PublishError, Publisher};
-use crate::topology::Names;
-
-/// Our own attempt counter (never `x-death`, which the broker rewrites and caps).
-pub const ATTEMPTS_HEADER: &str = "x-catena-ingest-attempts";
-pub const PARK_REASON_HEADER: &str = "x-park-reason";
-pub const PARK_DETAIL_HEADER: &str = "x-park-detail";
-pub const PARKED_AT_HEADER: &str = "x-parked-at";
-/// A unique id per parked copy, so `parked show ID` can name one message.
-pub const PARK_ID_HEADER: &str = "x-park-id";
-pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
+use crate::broker::{Names, PublishError, Publisher};
+use crate::message::{self, ParkReason};
 
 const CONFIRM_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Why a message went to the parking lot (the `x-park-reason` header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParkReason {
-    Malformed,
-    UnsupportedVersion,
-    InvalidRecord,
-    RetriesExhausted,
-    Rejected,
-    HandlerPanic,
-}
-
-impl ParkReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ParkReason::Malformed => "malformed",
-            ParkReason::UnsupportedVersion => "unsupported_version",
-            ParkReason::InvalidRecord => "invalid_record",
-            ParkReason::RetriesExhausted => "retries_exhausted",
-            ParkReason::Rejected => "rejected_by_database",
-            ParkReason::HandlerPanic => "handler_panic",
-        }
-    }
-}
-
-pub fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a AMQPValue> {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(name))
-}
-
-pub fn header_str<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a str> {
-    match header(delivery, name)? {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
-        AMQPValue::ShortString(s) => Some(s.as_str()),
-        _ => None,
-    }
-}
-
-/// Failures so far, from our own header.
-pub fn attempts(delivery: &Delivery) -> u32 {
-    match header(delivery, ATTEMPTS_HEADER) {
-        Some(AMQPValue::LongLongInt(n)) => (*n).clamp(0, u32::MAX as i64) as u32,
-        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes())
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        _ => 0,
-    }
-}
-
-fn copy_properties(delivery: &Delivery, extra: &[(&str, AMQPValue)]) -> BasicProperties {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    for (name, value) in extra {
-        headers.insert(ShortString::from(*name), value.clone());
-    }
-    if !headers.inner().contains_key(ORIGINAL_ROUTING_KEY_HEADER) {
-        headers.insert(
-            ORIGINAL_ROUTING_KEY_HEADER.into(),
-            AMQPValue::LongString(delivery.routing_key.as_str().into()),
-        );
-    }
-    delivery.properties.clone().with_headers(headers)
-}
 
 pub enum Rerouted {
     Retried(String),
@@ -103,12 +25,13 @@ pub async fn retry_or_park(
     delivery: &Delivery,
     detail: &str,
 ) -> Result<Rerouted, PublishError> {
-    let failures = attempts(delivery) + 1;
+    let failures = message::attempts(&delivery.properties) + 1;
     match names.retry_queue_for(failures) {
         Some(queue) => {
-            let properties = copy_properties(
-                delivery,
-                &[(ATTEMPTS_HEADER, AMQPValue::LongLongInt(failures as i64))],
+            let properties = message::retry_properties(
+                &delivery.properties,
+                delivery.routing_key.as_str(),
+                failures,
             );
             publisher
                 .publish("", &queue, &delivery.data, properties, CONFIRM_DEADLINE)
@@ -137,32 +60,12 @@ pub async fn park(
     reason: ParkReason,
     detail: &str,
 ) -> Result<(), PublishError> {
-    let detail: String = detail.chars().take(512).collect();
-    let properties = copy_properties(
-        delivery,
-        &[
-            (
-                PARK_REASON_HEADER,
-                AMQPValue::LongString(reason.as_str().into()),
-            ),
-            (
-                PARK_DETAIL_HEADER,
-                AMQPValue::LongString(detail.as_str().into()),
-            ),
-            (
-                PARKED_AT_HEADER,
-                AMQPValue::LongString(
-                    Utc::now()
-                        .to_rfc3339_opts(SecondsFormat::Millis, true)
-                        .as_str()
-                        .into(),
-                ),
-            ),
-            (
-                ATTEMPTS_HEADER,
-                AMQPValue::LongLongInt(attempts(delivery) as i64 + 1),
-            ),
-        ],
+    let properties = message::park_properties(
+        &delivery.properties,
+        delivery.routing_key.as_str(),
+        reason,
+        detail,
+        Utc::now(),
     );
     publisher
         .publish(

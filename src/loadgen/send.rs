@@ -11,35 +11,34 @@ use chrono::{SecondsFormat, Utc};
 use hdrhistogram::Histogram;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::gunzip::gzip;
-use crate::scenario::{Delivery, Event};
-use crate::signature::sign;
+use super::scenario::{Delivery, Event};
+use crate::broker::Publisher;
+use crate::config::DeliverySettings;
+use crate::message::{self, CatenaHeaders, Producer};
+use crate::relay::gunzip::gzip;
+use crate::relay::signature::sign;
 
 #[derive(Clone, Debug)]
 pub struct SendOptions {
     /// Full webhook URL, e.g. http://127.0.0.1:8080/webhooks/catena
     pub url: String,
-    pub secret: String,
-    pub concurrency: usize,
-    /// Requests per second, 0 = as fast as `concurrency` allows.
-    pub rate: f64,
-    /// Retries after a 5xx or a transport error, as Catena does (3).
-    pub retries: u32,
-    pub timeout: Duration,
-    pub gzip: bool,
+    /// The signing secret's bytes (the HMAC key).
+    pub secret: Vec<u8>,
+    pub delivery: DeliverySettings,
 }
 
 impl SendOptions {
-    pub fn new(url: &str, secret: &str) -> Self {
+    /// Deliver to `url` signing with `secret`, with the default delivery settings.
+    pub fn new(url: &str, secret: impl AsRef<[u8]>) -> Self {
         Self {
             url: url.to_owned(),
-            secret: secret.to_owned(),
-            concurrency: 32,
-            rate: 0.0,
-            retries: 3,
-            timeout: Duration::from_secs(3),
-            gzip: true,
+            secret: secret.as_ref().to_vec(),
+            delivery: DeliverySettings::default(),
         }
+    }
+
+    fn gzip(&self) -> bool {
+        !self.delivery.no_gzip
     }
 }
 
@@ -121,8 +120,8 @@ impl Outgoing {
     /// The signature stays valid for the relay's 5-minute window.
     pub fn prepare(mut self, options: &SendOptions) -> Self {
         let timestamp = Utc::now().to_rfc3339_opts(SecondsFormat::Secs, false);
-        let signature = sign(options.secret.as_bytes(), &timestamp, &self.body);
-        let wire_body = if options.gzip {
+        let signature = sign(&options.secret, &timestamp, &self.body);
+        let wire_body = if options.gzip() {
             gzip(&self.body).into()
         } else {
             bytes::Bytes::copy_from_slice(&self.body)
@@ -183,7 +182,7 @@ impl Outgoing {
                 (h, format!("/{p}"))
             });
         let mut head = format!("POST {path} HTTP/1.1\r\nHost: {host}\r\n");
-        for (name, value) in out.headers(&p.timestamp, &p.signature, 1, options.gzip) {
+        for (name, value) in out.headers(&p.timestamp, &p.signature, 1, options.gzip()) {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str(&format!("Content-Length: {}\r\n\r\n", p.wire_body.len()));
@@ -209,8 +208,8 @@ struct Shared {
 
 pub fn client(options: &SendOptions) -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(options.timeout)
-        .pool_max_idle_per_host(options.concurrency.max(1))
+        .timeout(options.delivery.timeout)
+        .pool_max_idle_per_host(options.delivery.concurrency.max(1))
         .build()
         .expect("building an HTTP client")
 }
@@ -228,7 +227,7 @@ pub enum Target {
     Http(reqwest::Client),
     /// Publish with confirm straight to the broker (the broker-only baseline).
     Amqp {
-        publisher: crate::broker::Publisher,
+        publisher: Publisher,
         exchange: String,
     },
 }
@@ -257,7 +256,7 @@ pub async fn send_to(
     count_hint: usize,
     deadline: Option<Instant>,
 ) -> SendReport {
-    let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let permits = Arc::new(Semaphore::new(options.delivery.concurrency.max(1)));
     let shared = Arc::new(Mutex::new(Shared {
         report: SendReport {
             deliveries: count_hint as u64,
@@ -273,8 +272,8 @@ pub async fn send_to(
             break;
         }
         sent += 1;
-        if options.rate > 0.0 {
-            let due = started + Duration::from_secs_f64(index as f64 / options.rate);
+        if options.delivery.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(index as f64 / options.delivery.rate);
             tokio::time::sleep_until(due.into()).await;
         }
         let permit = permits
@@ -318,33 +317,19 @@ pub async fn send_to(
 
 /// Broker-only path: the relay's publish (same headers, persistent, mandatory, confirmed).
 async fn publish(
-    publisher: &crate::broker::Publisher,
+    publisher: &Publisher,
     exchange: &str,
     index: usize,
     out: Outgoing,
     shared: &Mutex<Shared>,
 ) {
-    use lapin::types::{AMQPValue, FieldTable};
-    let mut headers = FieldTable::default();
-    let now = Utc::now();
-    for (name, value) in [
-        ("x-webhook-id", out.webhook_id.as_str()),
-        ("x-event-type", out.event_name.as_str()),
-        ("x-delivery-attempt", "1"),
-    ] {
-        headers.insert(name.into(), AMQPValue::LongString(value.into()));
-    }
-    headers.insert(
-        crate::relay::RECEIVED_AT_HEADER.into(),
-        AMQPValue::LongString(
-            now.to_rfc3339_opts(SecondsFormat::Micros, true)
-                .as_str()
-                .into(),
-        ),
-    );
-    let properties = lapin::BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_headers(headers);
+    let catena = CatenaHeaders {
+        webhook_id: Some(&out.webhook_id),
+        event_type: Some(&out.event_name),
+        delivery_attempt: Some("1"),
+        ..Default::default()
+    };
+    let properties = message::event_properties(&catena, Utc::now(), Producer::LoadGenerator);
     let t0 = Instant::now();
     let result = publisher
         .publish(
@@ -382,7 +367,7 @@ async fn deliver(
 ) {
     let wire_body: bytes::Bytes = match &out.prepared {
         Some(p) => p.wire_body.clone(),
-        None if options.gzip => gzip(&out.body).into(),
+        None if options.gzip() => gzip(&out.body).into(),
         None => bytes::Bytes::copy_from_slice(&out.body),
     };
     let mut attempt = 1u32;
@@ -391,12 +376,12 @@ async fn deliver(
             (Some(p), 1) => (p.timestamp.clone(), p.signature.clone()),
             _ => {
                 let timestamp = Utc::now().to_rfc3339_opts(SecondsFormat::Secs, false);
-                let signature = sign(options.secret.as_bytes(), &timestamp, &out.body);
+                let signature = sign(&options.secret, &timestamp, &out.body);
                 (timestamp, signature)
             }
         };
         let mut request = client.post(&options.url);
-        for (name, value) in out.headers(&timestamp, &signature, attempt, options.gzip) {
+        for (name, value) in out.headers(&timestamp, &signature, attempt, options.gzip()) {
             request = request.header(name, value);
         }
         request = request.body(wire_body.clone());
@@ -418,7 +403,7 @@ async fn deliver(
                 s.report.rejected += 1;
                 return;
             }
-            _ if attempt > options.retries => {
+            _ if attempt > options.delivery.retries => {
                 s.report.failed += 1;
                 return;
             }
@@ -457,8 +442,8 @@ pub fn write_wrk_corpus(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secrets::SecretStore;
-    use crate::signature::{SignedHeaders, Window, verify};
+    use crate::relay::secrets::SecretStore;
+    use crate::relay::signature::{SignedHeaders, Window, verify};
 
     /// A corpus request is one the relay accepts: parse it back and verify it as the relay does.
     #[test]
@@ -484,7 +469,7 @@ mod tests {
         assert_eq!(headers["content-encoding"], "gzip");
         assert_eq!(headers["x-event-type"], "connection.created");
 
-        let plain = crate::gunzip::gunzip_capped(wire_body, 1 << 20).unwrap();
+        let plain = crate::relay::gunzip::gunzip_capped(wire_body, 1 << 20).unwrap();
         assert_eq!(plain, body);
         let mut secrets = SecretStore::default();
         secrets.insert("w1", "s3cret-0123456789");

@@ -1,27 +1,23 @@
-//! A self-healing RabbitMQ publisher with publisher confirms.
+//! The confirmed publisher: a supervised broker session shared by every request.
 //!
-//! The relay (and the worker, for retry tiers and the parking lot) publish through one
-//! [`Publisher`]: a pool of confirm-mode channels on one connection, picked round-robin, each
-//! carrying many outstanding confirms. No channel per request and no lock around `publish`.
-//!
-//! A supervisor task owns the connection. When the broker goes away every publish fails fast
-//! with [`PublishError::Unavailable`] (the relay answers 503, Catena retries) while the
-//! supervisor reconnects with exponential backoff and re-declares the topology. `is_ready`
-//! drives `/readyz`.
+//! One connection with a few confirm-mode channels, used round-robin. A supervisor task
+//! (re)connects with exponential backoff and re-declares the topology. `is_ready` drives
+//! `/readyz`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use backoff::ExponentialBackoff;
 use backoff::backoff::Backoff;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Notify;
 
+use super::connect;
+use super::topology::{self, Names};
+use crate::retry::{next_wait, reconnect_backoff};
 use crate::shutdown::Shutdown;
-use crate::topology::{self, Names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -35,24 +31,6 @@ pub enum PublishError {
     ConfirmTimeout(Duration),
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
-}
-
-/// Connect with a recognisable connection name (shown in the management UI). `amqps://` URLs
-/// take their TLS files from the URL (see [`crate::tls`]).
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let tls = crate::tls::amqp_tls_config(url)?;
-    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
-}
-
-/// Exponential backoff for reconnect loops: 100 ms doubling to 5 s, forever.
-pub fn reconnect_backoff() -> ExponentialBackoff {
-    ExponentialBackoff {
-        initial_interval: Duration::from_millis(100),
-        max_interval: Duration::from_secs(5),
-        max_elapsed_time: None,
-        ..Default::default()
-    }
 }
 
 struct Session {
@@ -243,7 +221,7 @@ async fn supervise(inner: Arc<Inner>, shutdown: Shutdown) {
                 let _ = session.connection.close(320, "reconnecting".into()).await;
             }
             Err(error) => {
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+                let wait = next_wait(&mut backoff);
                 tracing::warn!(%error, retry_in = ?wait, "broker connect failed");
                 tokio::select! {
                     _ = shutdown.wait() => break,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::db::DbError;
+use crate::store::{self, DbError};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EndToEnd {
@@ -42,7 +42,7 @@ pub async fn end_to_end(
     expected: i64,
     settle: Duration,
 ) -> Result<EndToEnd, DbError> {
-    let pool = crate::db::pool(database_url, 1)?;
+    let pool = store::pool(database_url, 1)?;
     let client = pool.get().await?;
     let (mut last, mut last_change) = (-1i64, Instant::now());
     loop {

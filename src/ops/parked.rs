@@ -12,18 +12,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::broker::{self, PublishError, Publisher};
+use crate::broker::{self, Names, PublishError, Publisher};
+use crate::message;
 use crate::shutdown::Shutdown;
-use crate::topology::Names;
-use crate::worker::reroute::{
-    ATTEMPTS_HEADER, ORIGINAL_ROUTING_KEY_HEADER, PARK_DETAIL_HEADER, PARK_ID_HEADER,
-    PARK_REASON_HEADER, PARKED_AT_HEADER,
-};
 
 /// Which parked messages an operation applies to.
 #[derive(Debug, Clone, Default)]
@@ -57,44 +53,19 @@ pub enum ParkedError {
     NotReady,
 }
 
-fn text(value: &AMQPValue) -> serde_json::Value {
-    match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned().into(),
-        AMQPValue::ShortString(s) => s.as_str().into(),
-        AMQPValue::LongLongInt(n) => (*n).into(),
-        AMQPValue::LongInt(n) => (*n).into(),
-        AMQPValue::ShortInt(n) => (*n).into(),
-        AMQPValue::Boolean(b) => (*b).into(),
-        AMQPValue::Timestamp(t) => (*t).into(),
-        AMQPValue::FieldTable(t) => serde_json::Value::Object(
-            t.inner()
-                .iter()
-                .map(|(k, v)| (k.to_string(), text(v)))
-                .collect(),
-        ),
-        AMQPValue::FieldArray(a) => a.as_slice().iter().map(text).collect(),
-        other => format!("{other:?}").into(),
-    }
-}
-
 fn headers(delivery: &Delivery) -> serde_json::Map<String, serde_json::Value> {
     delivery
         .properties
         .headers()
         .as_ref()
-        .map(|h| {
-            h.inner()
-                .iter()
-                .map(|(k, v)| (k.to_string(), text(v)))
-                .collect()
-        })
+        .map(message::headers_json)
         .unwrap_or_default()
 }
 
 /// What the broker's own dead-lettering recorded (messages parked by the delivery limit).
 fn x_death_reason(headers: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
     headers
-        .get("x-death")?
+        .get(message::X_DEATH)?
         .as_array()?
         .first()?
         .get("reason")?
@@ -110,7 +81,7 @@ pub fn describe(delivery: &Delivery) -> Parked {
             .and_then(|v| v.as_str())
             .map(str::to_owned)
     };
-    let id = get(PARK_ID_HEADER)
+    let id = get(message::PARK_ID)
         .or_else(|| {
             delivery
                 .properties
@@ -124,16 +95,16 @@ pub fn describe(delivery: &Delivery) -> Parked {
         });
     Parked {
         id,
-        event_name: get(ORIGINAL_ROUTING_KEY_HEADER)
+        event_name: get(message::ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| delivery.routing_key.to_string()),
-        reason: get(PARK_REASON_HEADER)
+        reason: get(message::PARK_REASON)
             .or_else(|| x_death_reason(&headers))
             .unwrap_or_else(|| "unknown".into()),
-        detail: get(PARK_DETAIL_HEADER),
-        parked_at: get(PARKED_AT_HEADER)
+        detail: get(message::PARK_DETAIL),
+        parked_at: get(message::PARKED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc)),
-        attempts: headers.get(ATTEMPTS_HEADER).and_then(|v| v.as_i64()),
+        attempts: headers.get(message::ATTEMPTS).and_then(|v| v.as_i64()),
         bytes: delivery.data.len(),
         headers,
     }
@@ -193,7 +164,7 @@ impl Session {
     async fn open(url: &str, names: &Names) -> Result<Self, ParkedError> {
         let connection = broker::connect(url, "catena-ingest parked").await?;
         let channel = connection.create_channel().await?;
-        crate::topology::declare(&channel, names).await?;
+        broker::topology::declare(&channel, names).await?;
         let queue = channel
             .queue_declare(
                 names.parked_queue.as_str().into(),
@@ -300,7 +271,7 @@ pub async fn replay(
             let exchange = names.events_exchange.clone();
             async move {
                 let parked = describe(&delivery);
-                let properties = replay_properties(&delivery.properties);
+                let properties = message::replay_properties(&delivery.properties, Utc::now());
                 publisher
                     .publish(
                         &exchange,
@@ -373,52 +344,4 @@ where
     }
     session.finish().await;
     Ok(report)
-}
-
-/// A replayed copy starts afresh: park headers and our attempt counter are dropped, and the
-/// broker's own `x-death` history too (it is not ours to carry).
-fn replay_properties(original: &BasicProperties) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if let Some(table) = original.headers() {
-        for (key, value) in table.inner() {
-            let k = key.as_str();
-            if k.starts_with("x-park")
-                || k == ATTEMPTS_HEADER
-                || k == "x-death"
-                || k.starts_with("x-first-death")
-                || k.starts_with("x-last-death")
-            {
-                continue;
-            }
-            headers.insert(key.clone(), value.clone());
-        }
-    }
-    headers.insert(
-        "x-replayed-at".into(),
-        AMQPValue::LongString(Utc::now().to_rfc3339().as_str().into()),
-    );
-    original.clone().with_headers(headers)
-}
-
-/// Print a table of parked messages.
-pub fn print_table(items: &[Parked]) {
-    println!(
-        "{:<36}  {:<26}  {:<22}  {:<25}  {:>8}",
-        "ID", "EVENT", "REASON", "PARKED_AT", "ATTEMPTS"
-    );
-    for p in items {
-        println!(
-            "{:<36}  {:<26}  {:<22}  {:<25}  {:>8}",
-            p.id,
-            p.event_name,
-            p.reason,
-            p.parked_at
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                .unwrap_or_else(|| "-".into()),
-            p.attempts
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "-".into())
-        );
-    }
-    println!("({} messages)", items.len());
 }

@@ -28,6 +28,39 @@ pub const DELIVERY_LIMIT: i64 = 10;
 /// Effectively unlimited redeliveries for the parking lot (see [`declare`]).
 pub const PARKED_DELIVERY_LIMIT: i64 = 1_000_000_000;
 
+/// Retry tier delays (`CATENA_RETRY_DELAYS`): parsed from and shown as `5s,30s,5m,30m`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryDelays(pub Vec<Duration>);
+
+impl Default for RetryDelays {
+    fn default() -> Self {
+        Self(RETRY_TIERS.to_vec())
+    }
+}
+
+impl std::fmt::Display for RetryDelays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text: Vec<String> = self.0.iter().map(|d| human(*d)).collect();
+        f.write_str(&text.join(","))
+    }
+}
+
+impl std::str::FromStr for RetryDelays {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let delays = text
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(crate::config::parse_duration)
+            .collect::<Result<Vec<_>, _>>()?;
+        if delays.is_empty() {
+            return Err("at least one retry delay is required".into());
+        }
+        Ok(Self(delays))
+    }
+}
+
 /// Every exchange and queue name, derived from `CATENA_NAME_PREFIX`.
 #[derive(Clone, Debug)]
 pub struct Names {
@@ -40,17 +73,16 @@ pub struct Names {
 
 impl Names {
     pub fn new(prefix: &str) -> Self {
-        Self::with_retry_delays(prefix, RETRY_TIERS.to_vec())
+        Self::with_retry_delays(prefix, RetryDelays::default())
     }
 
-    /// Tests shorten the delays; production uses [`RETRY_TIERS`].
-    pub fn with_retry_delays(prefix: &str, retry_delays: Vec<Duration>) -> Self {
+    pub fn with_retry_delays(prefix: &str, retry_delays: RetryDelays) -> Self {
         Self {
             prefix: prefix.to_owned(),
             events_exchange: format!("{prefix}.events"),
             events_queue: format!("{prefix}.events"),
             parked_queue: format!("{prefix}.parked"),
-            retry_delays,
+            retry_delays: retry_delays.0,
         }
     }
 
@@ -177,7 +209,16 @@ mod tests {
         assert_eq!(n.retry_queue_for(1).as_deref(), Some("t1.retry.5s"));
         assert_eq!(n.retry_queue_for(4).as_deref(), Some("t1.retry.30m"));
         assert_eq!(n.retry_queue_for(5), None);
-        let fast = Names::with_retry_delays("t", vec![Duration::from_millis(200)]);
+        let fast = Names::with_retry_delays("t", "200ms".parse().unwrap());
         assert_eq!(fast.retry_queue_for(1).as_deref(), Some("t.retry.200ms"));
+    }
+
+    #[test]
+    fn retry_delays_round_trip_through_their_text() {
+        let default = RetryDelays::default();
+        assert_eq!(default.to_string(), "5s,30s,5m,30m");
+        assert_eq!(default.to_string().parse::<RetryDelays>(), Ok(default));
+        assert_eq!("1s, 2s".parse::<RetryDelays>().unwrap().0.len(), 2);
+        assert!("".parse::<RetryDelays>().is_err());
     }
 }

@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::db::DbError;
+use crate::store::DbError;
 
 #[derive(Debug, Serialize)]
 pub struct FleetView {
@@ -87,67 +87,4 @@ pub async fn show(
         open_alerts: rows(client, "SELECT alert_id::text, kind, subject_id::text, opened_at::text FROM alerts WHERE fleet_id = $1 AND state = 'open' ORDER BY opened_at", &fleet_id).await?,
         last_events: rows(client, "SELECT event_name, event_time::text, processed_at::text, outcome FROM webhook_events WHERE fleet_id = $1 ORDER BY event_time DESC LIMIT 10", &fleet_id).await?,
     }))
-}
-
-/// Human-readable rendering.
-pub fn print(view: &FleetView) {
-    let field = |v: &Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
-    if !view.fleet.is_null() {
-        println!(
-            "fleet {} ({})  onboarding={}  share={}",
-            field(&view.fleet, "fleet_ref"),
-            field(&view.fleet, "fleet_id"),
-            field(&view.fleet, "onboarding_status"),
-            field(&view.fleet, "share_status")
-        );
-    }
-    if !view.invitation.is_null() {
-        println!(
-            "invitation {}  status={}  expires_at={}  decline_reason={}",
-            field(&view.invitation, "invitation_id"),
-            field(&view.invitation, "status"),
-            field(&view.invitation, "expires_at"),
-            field(&view.invitation, "decline_reason")
-        );
-    }
-    println!("connections:");
-    for c in &view.connections {
-        println!(
-            "  {}  {:<16} {:<7} staled_at={}",
-            field(c, "connection_id"),
-            field(c, "source_name"),
-            field(c, "status"),
-            field(c, "staled_at")
-        );
-    }
-    println!("schedules:");
-    for s in &view.schedules {
-        println!(
-            "  {}  {:<18} {:<12} failed_executions={} last_failed_at={}",
-            field(s, "schedule_id"),
-            field(s, "resource"),
-            field(s, "status"),
-            field(s, "failed_executions"),
-            field(s, "last_failed_at")
-        );
-    }
-    println!("open alerts:");
-    for a in &view.open_alerts {
-        println!(
-            "  {}  {:<20} subject={} opened_at={}",
-            field(a, "alert_id"),
-            field(a, "kind"),
-            field(a, "subject_id"),
-            field(a, "opened_at")
-        );
-    }
-    println!("last events:");
-    for e in &view.last_events {
-        println!(
-            "  {:<26} {}  {}",
-            field(e, "event_name"),
-            field(e, "event_time"),
-            field(e, "outcome")
-        );
-    }
 }

@@ -9,11 +9,11 @@ use chrono::{DateTime, Duration, Utc};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::secrets::SecretStore;
+use super::secrets::SecretStore;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Why a request failed verification. Each maps to a relay outcome label and a 401.
+/// Why a request failed verification. Each maps to a relay [`Outcome`](super::Outcome) label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     #[error("X-Catena-Timestamp header missing")]
@@ -30,18 +30,6 @@ pub enum Rejection {
     UnknownWebhook,
     #[error("signature does not match any configured secret")]
     BadSignature,
-}
-
-impl Rejection {
-    /// The `outcome` label of `catena_relay_requests_total`.
-    pub fn outcome(self) -> &'static str {
-        match self {
-            Rejection::MissingTimestamp
-            | Rejection::MalformedTimestamp
-            | Rejection::StaleTimestamp => "stale_timestamp",
-            _ => "invalid_signature",
-        }
-    }
 }
 
 /// How far a timestamp may lie in the past and in the future.

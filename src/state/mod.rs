@@ -1,0 +1,220 @@
+//! Applying events to the fleet state: exactly-once effect, in any order, set-based.
+//!
+//! A batch is one transaction: one multi-row insert of the dedup keys (`RETURNING` says which
+//! are new), then the state changes of every new event, then commit. The changes are gathered
+//! per statement kind into column arrays and applied with one `INSERT .. SELECT FROM unnest(..)
+//! ON CONFLICT ..` per kind, all pipelined in a single network flight, so a 500-event batch
+//! costs a few dozen statements rather than thousands.
+//!
+//! Every statement is an upsert guarded by event time (ties broken by the event key) or by
+//! lifecycle rank, so applying any permutation of the same events, with any duplicates, in any
+//! batch sizes, converges on the same state. One `INSERT .. ON CONFLICT DO UPDATE` may not
+//! touch a row twice, so rows sharing a key within a batch are split into rounds (one
+//! statement each); since the upserts commute, round order does not matter.
+//!
+//! [`plan`] is the pure half (what each event changes, as rows and statements, unit-tested),
+//! [`sql`] the statements, [`locks`] the entity locks; this module runs a batch.
+
+mod locks;
+mod plan;
+mod sql;
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+use futures::future::try_join_all;
+use tokio_postgres::types::ToSql;
+
+use crate::alerts::AlertKind;
+pub use crate::config::Rules;
+use crate::envelope::{Change, Event};
+use crate::store::DbError;
+use crate::worker::Outcome;
+use locks::entity_locks;
+use plan::Plan;
+use sql::{DEDUP_INSERT, ENTITY_LOCKS};
+
+/// In debug builds, an event with this name panics the handler (see [`apply_batch`]).
+pub const TEST_PANIC_EVENT: &str = "catena-ingest.test-panic";
+
+/// What happened to one event of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Applied,
+    Duplicate,
+    Ignored,
+}
+
+impl From<Applied> for Outcome {
+    fn from(applied: Applied) -> Self {
+        match applied {
+            Applied::Applied => Outcome::Applied,
+            Applied::Duplicate => Outcome::Duplicate,
+            Applied::Ignored => Outcome::Ignored,
+        }
+    }
+}
+
+/// An event ready to apply, with the relay's receive time.
+pub struct Incoming<'a> {
+    pub event: &'a Event,
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Default)]
+pub struct BatchResult {
+    pub applied: Vec<Applied>,
+    /// Kinds of alerts opened in this batch (for `catena_alerts_raised_total`).
+    pub alerts_opened: Vec<AlertKind>,
+}
+
+/// Apply a batch inside `tx` (the caller commits). Duplicates, both against earlier batches and
+/// inside this one, are recorded as such and change nothing.
+pub async fn apply_batch(
+    tx: &Transaction<'_>,
+    batch: &[Incoming<'_>],
+    rules: &Rules,
+) -> Result<BatchResult, DbError> {
+    // Debug builds only: a way for tests to make the handler panic on one message, to prove a
+    // poison message is isolated and parked instead of crash-looping the pool.
+    #[cfg(debug_assertions)]
+    if batch.iter().any(|i| i.event.event_name == TEST_PANIC_EVENT) {
+        panic!("test panic requested by a `{TEST_PANIC_EVENT}` event");
+    }
+    let mut result = BatchResult {
+        applied: vec![Applied::Duplicate; batch.len()],
+        alerts_opened: Vec::new(),
+    };
+    // First occurrence of each key inside the batch; later ones are duplicates.
+    let mut first: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    for (i, incoming) in batch.iter().enumerate() {
+        first.entry(incoming.event.key.as_str()).or_insert(i);
+    }
+    let mut unique: Vec<usize> = first.values().copied().collect();
+    unique.sort_unstable();
+
+    let n = unique.len();
+    let (mut keys, mut ids, mut names, mut webhooks) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut times, mut outcomes, mut received, mut fleets) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for &i in &unique {
+        let e = batch[i].event;
+        keys.push(e.key.as_str());
+        ids.push(e.event_id);
+        names.push(e.event_name.as_str());
+        webhooks.push(e.webhook_id.as_deref());
+        times.push(e.event_time);
+        outcomes.push(if e.change == Change::Ignored {
+            "ignored"
+        } else {
+            "applied"
+        });
+        received.push(batch[i].received_at);
+        fleets.push(e.fleet_id());
+    }
+    // Lock every entity the batch may touch, in one sorted sweep, before writing anything.
+    // Concurrent batches (other consumers, other replicas) then queue on these locks in a
+    // single global order instead of taking row locks in different orders and deadlocking,
+    // which PostgreSQL only breaks after deadlock_timeout (1 s) and which cost a retry.
+    let mut locks: Vec<i64> = unique
+        .iter()
+        .flat_map(|&i| entity_locks(batch[i].event))
+        .collect();
+    locks.sort_unstable();
+    locks.dedup();
+    if !locks.is_empty() {
+        let lock = tx.prepare_cached(ENTITY_LOCKS).await?;
+        tx.execute(&lock, &[&locks]).await?;
+    }
+    let dedup = tx.prepare_cached(DEDUP_INSERT).await?;
+    let fresh: HashSet<String> = tx
+        .query(
+            &dedup,
+            &[
+                &keys, &ids, &names, &webhooks, &times, &outcomes, &received, &fleets,
+            ],
+        )
+        .await?
+        .into_iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect();
+
+    let mut plan = Plan::default();
+    for &i in &unique {
+        let event = batch[i].event;
+        if !fresh.contains(&event.key) {
+            continue;
+        }
+        if event.change == Change::Ignored {
+            result.applied[i] = Applied::Ignored;
+            continue;
+        }
+        result.applied[i] = Applied::Applied;
+        plan.add(event);
+    }
+    if plan.is_empty() {
+        return Ok(result);
+    }
+    let ops = plan.ops(rules);
+
+    // Prepare (cached per connection), then send every statement in one pipelined flight.
+    let mut statements = Vec::with_capacity(ops.len());
+    for op in &ops {
+        statements.push(tx.prepare_cached(op.sql).await?);
+    }
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = ops
+        .iter()
+        .map(|op| {
+            op.params
+                .iter()
+                .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+                .collect()
+        })
+        .collect();
+    let rows = try_join_all(
+        statements
+            .iter()
+            .zip(&params)
+            .map(|(statement, params)| tx.query(statement, params)),
+    )
+    .await?;
+    for (op, rows) in ops.iter().zip(rows) {
+        if let Some(kind) = op.opens_alert {
+            result
+                .alerts_opened
+                .extend(std::iter::repeat_n(kind, rows.len()));
+        }
+    }
+    Ok(result)
+}
+
+/// A `std::time::Duration` sent as a PostgreSQL `interval` (microseconds, no days or months).
+#[derive(Debug, Clone, Copy)]
+pub struct PgInterval(pub std::time::Duration);
+
+impl ToSql for PgInterval {
+    fn to_sql(
+        &self,
+        _ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        out.put_i64(self.0.as_micros() as i64);
+        out.put_i32(0); // days
+        out.put_i32(0); // months
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    tokio_postgres::types::accepts!(INTERVAL);
+    tokio_postgres::types::to_sql_checked!();
+}

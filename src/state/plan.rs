@@ -1,0 +1,535 @@
+//! The pure half of applying a batch: what each event changes, gathered per statement kind into
+//! rows, merged where the SQL's own rules allow, and turned into statements ([`Op`]s). No I/O,
+//! so the state rules can be unit-tested here.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::sql::*;
+use super::{PgInterval, Rules};
+use crate::alerts::AlertKind;
+use crate::envelope::{Change, Event, Onboarding};
+
+pub(super) type Param = Box<dyn ToSql + Sync + Send>;
+
+/// One statement with its (array) parameters.
+pub(super) struct Op {
+    pub sql: &'static str,
+    pub params: Vec<Param>,
+    /// Rows returned by this statement are alerts opened of this kind.
+    pub opens_alert: Option<AlertKind>,
+}
+
+fn p<T: ToSql + Sync + Send + 'static>(value: T) -> Param {
+    Box::new(value)
+}
+
+/// Split rows so that no key appears twice in one round.
+fn rounds<T, K: Hash + Eq>(rows: &[T], key: impl Fn(&T) -> K) -> Vec<Vec<&T>> {
+    let mut seen: HashMap<K, usize> = HashMap::with_capacity(rows.len());
+    let mut out: Vec<Vec<&T>> = Vec::new();
+    for row in rows {
+        let n = seen.entry(key(row)).or_insert(0);
+        if out.len() <= *n {
+            out.push(Vec::new());
+        }
+        out[*n].push(row);
+        *n += 1;
+    }
+    out
+}
+
+/// Collect one column of a round.
+fn col<T, V: ToSql + Sync + Send + 'static>(rows: &[&T], f: impl Fn(&T) -> V) -> Param {
+    p(rows.iter().map(|r| f(r)).collect::<Vec<V>>())
+}
+
+/// One invitation's changes in a batch, already merged by the same rules the SQL applies (so
+/// a lifecycle arriving in one batch is one row, not one statement round per event).
+struct InvitationRow {
+    id: Uuid,
+    fleet_ref: Option<String>,
+    fleet_id: Option<Uuid>,
+    status: &'static str,
+    rank: i16,
+    status_at: DateTime<Utc>,
+    status_key: String,
+    /// Newest event time and key (the version of the latest-wins fields).
+    t: DateTime<Utc>,
+    k: String,
+    decline_reason: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
+    magic_link: Option<String>,
+    created_at: Option<DateTime<Utc>>,
+    accepted_at: Option<DateTime<Utc>>,
+    declined_at: Option<DateTime<Utc>>,
+}
+
+struct StageRow {
+    fleet_id: Uuid,
+    fleet_ref: Option<String>,
+    invitation_id: Option<Uuid>,
+    stage: Onboarding,
+    t: DateTime<Utc>,
+    k: String,
+}
+
+struct ShareRow {
+    id: Uuid,
+    fleet_id: Uuid,
+    invitation_id: Option<Uuid>,
+    fleet_ref: Option<String>,
+    status: String,
+    scopes: Option<serde_json::Value>,
+    effective_date: Option<DateTime<Utc>>,
+    expiration_date: Option<DateTime<Utc>>,
+    t: DateTime<Utc>,
+    k: String,
+}
+
+struct ConnectionRow {
+    id: Uuid,
+    fleet_id: Option<Uuid>,
+    tsp_id: Option<Uuid>,
+    source_name: Option<String>,
+    stale: bool,
+    t: DateTime<Utc>,
+    k: String,
+}
+
+struct ReferenceRow {
+    id: Uuid,
+    fleet_id: Option<Uuid>,
+    source_name: Option<String>,
+}
+
+struct FleetConnectionRow {
+    id: Uuid,
+    fleet_id: Uuid,
+    connection_id: Uuid,
+    t: DateTime<Utc>,
+}
+
+struct ExecutionRow {
+    id: Uuid,
+    schedule_id: Uuid,
+    connection_id: Option<Uuid>,
+    fleet_id: Option<Uuid>,
+    source_name: Option<String>,
+    resource: Option<String>,
+    failed_at: DateTime<Utc>,
+}
+
+struct DeactivationRow {
+    id: Uuid,
+    connection_id: Uuid,
+    resource: Option<String>,
+    threshold: Option<i32>,
+    interval: Option<i32>,
+    t: DateTime<Utc>,
+}
+
+/// Every change a batch asks for, by statement kind.
+#[derive(Default)]
+pub(super) struct Plan {
+    invitations: Vec<InvitationRow>,
+    invitation_index: HashMap<Uuid, usize>,
+    stages: Vec<StageRow>,
+    shares: Vec<ShareRow>,
+    connections: Vec<ConnectionRow>,
+    references: Vec<ReferenceRow>,
+    fleet_connections: Vec<FleetConnectionRow>,
+    executions: Vec<ExecutionRow>,
+    deactivations: Vec<DeactivationRow>,
+}
+
+impl Plan {
+    /// Gather what one event changes. Pure: the state rules, in one place.
+    pub(super) fn add(&mut self, event: &Event) {
+        let t = event.event_time;
+        let k = || event.key.clone();
+        match &event.change {
+            Change::Invitation(status, records) => {
+                for r in records {
+                    self.add_invitation(InvitationRow {
+                        id: r.id,
+                        fleet_ref: r.fleet_ref.clone(),
+                        fleet_id: r.fleet_id,
+                        status: status.as_str(),
+                        rank: status.rank(),
+                        status_at: t,
+                        status_key: k(),
+                        t,
+                        k: k(),
+                        decline_reason: r.decline_reason.clone(),
+                        expires_at: r.expires_at,
+                        magic_link: r.magic_link.clone(),
+                        created_at: r.created_at,
+                        accepted_at: r.accepted_at,
+                        declined_at: r.declined_at,
+                    });
+                    if let Some(fleet_id) = r.fleet_id {
+                        self.stages.push(StageRow {
+                            fleet_id,
+                            fleet_ref: r.fleet_ref.clone(),
+                            invitation_id: Some(r.id),
+                            stage: status.onboarding(),
+                            t,
+                            k: k(),
+                        });
+                    }
+                }
+            }
+            Change::ShareAgreement(records) => {
+                for r in records {
+                    self.shares.push(ShareRow {
+                        id: r.id,
+                        fleet_id: r.fleet_id,
+                        invitation_id: r.invitation_id,
+                        fleet_ref: r.fleet_ref.clone(),
+                        status: r.status.clone(),
+                        scopes: r.scopes.clone(),
+                        effective_date: r.effective_date,
+                        expiration_date: r.expiration_date,
+                        t,
+                        k: k(),
+                    });
+                }
+            }
+            Change::Connection { staled, records } => {
+                for r in records {
+                    self.connections.push(ConnectionRow {
+                        id: r.id,
+                        fleet_id: r.fleet_id,
+                        tsp_id: r.tsp_id,
+                        source_name: r.source_name.clone(),
+                        stale: *staled || r.status.as_deref() == Some("stale"),
+                        t,
+                        k: k(),
+                    });
+                }
+            }
+            Change::FleetConnection(records) => {
+                for r in records {
+                    self.fleet_connections.push(FleetConnectionRow {
+                        id: r.id,
+                        fleet_id: r.fleet_id,
+                        connection_id: r.connection_id,
+                        t,
+                    });
+                    self.references.push(ReferenceRow {
+                        id: r.connection_id,
+                        fleet_id: Some(r.fleet_id),
+                        source_name: None,
+                    });
+                    self.stages.push(StageRow {
+                        fleet_id: r.fleet_id,
+                        fleet_ref: None,
+                        invitation_id: None,
+                        stage: Onboarding::Connected,
+                        t,
+                        k: k(),
+                    });
+                }
+            }
+            Change::ExecutionFailed(records) => {
+                for r in records {
+                    if let Some(connection_id) = r.connection_id {
+                        self.references.push(ReferenceRow {
+                            id: connection_id,
+                            fleet_id: r.fleet_id,
+                            source_name: r.source_name.clone(),
+                        });
+                    }
+                    self.executions.push(ExecutionRow {
+                        id: r.id,
+                        schedule_id: r.schedule_id,
+                        connection_id: r.connection_id,
+                        fleet_id: r.fleet_id,
+                        source_name: r.source_name.clone(),
+                        resource: r.resource.clone(),
+                        failed_at: r.updated_at.or(r.created_at).unwrap_or(t),
+                    });
+                }
+            }
+            Change::ScheduleDeactivated(records) => {
+                for r in records {
+                    self.references.push(ReferenceRow {
+                        id: r.connection_id,
+                        fleet_id: None,
+                        source_name: None,
+                    });
+                    self.deactivations.push(DeactivationRow {
+                        id: r.id,
+                        connection_id: r.connection_id,
+                        resource: r.resource.clone(),
+                        threshold: r.consecutive_error_threshold,
+                        interval: r.execution_interval_seconds,
+                        t,
+                    });
+                }
+            }
+            Change::Ignored => {}
+        }
+    }
+
+    fn add_invitation(&mut self, row: InvitationRow) {
+        let Some(&at) = self.invitation_index.get(&row.id) else {
+            self.invitation_index.insert(row.id, self.invitations.len());
+            self.invitations.push(row);
+            return;
+        };
+        let cur = &mut self.invitations[at];
+        if (row.rank, row.status_at, &row.status_key) > (cur.rank, cur.status_at, &cur.status_key) {
+            cur.status = row.status;
+            cur.rank = row.rank;
+            cur.status_at = row.status_at;
+            cur.status_key = row.status_key.clone();
+        }
+        let newer = (row.t, &row.k) > (cur.t, &cur.k);
+        let latest = |cur: &mut Option<_>, new: Option<_>| {
+            if newer && new.is_some() || cur.is_none() {
+                *cur = new.or(cur.take());
+            }
+        };
+        latest(&mut cur.decline_reason, row.decline_reason);
+        latest(&mut cur.magic_link, row.magic_link);
+        if newer && row.expires_at.is_some() || cur.expires_at.is_none() {
+            cur.expires_at = row.expires_at.or(cur.expires_at);
+        }
+        cur.fleet_ref = cur.fleet_ref.take().or(row.fleet_ref);
+        cur.fleet_id = cur.fleet_id.or(row.fleet_id);
+        cur.created_at = match (cur.created_at, row.created_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        cur.accepted_at = cur.accepted_at.or(row.accepted_at);
+        cur.declined_at = cur.declined_at.max(row.declined_at);
+        if newer {
+            cur.t = row.t;
+            cur.k = row.k;
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.invitations.is_empty()
+            && self.stages.is_empty()
+            && self.shares.is_empty()
+            && self.connections.is_empty()
+            && self.references.is_empty()
+            && self.fleet_connections.is_empty()
+            && self.executions.is_empty()
+            && self.deactivations.is_empty()
+    }
+
+    /// The statements, in dependency order (mappings after the rows they map, alerts after the
+    /// state they read, back-fills last).
+    pub(super) fn ops(&self, rules: &Rules) -> Vec<Op> {
+        let mut ops = Vec::new();
+        let mut push = |sql: &'static str, params: Vec<Param>, opens_alert: Option<AlertKind>| {
+            ops.push(Op {
+                sql,
+                params,
+                opens_alert,
+            })
+        };
+        for round in rounds(&self.invitations, |r| r.id) {
+            push(
+                INVITATIONS,
+                vec![
+                    col(&round, |r| r.id),
+                    col(&round, |r| r.fleet_ref.clone()),
+                    col(&round, |r| r.fleet_id),
+                    col(&round, |r| r.status),
+                    col(&round, |r| r.rank),
+                    col(&round, |r| r.status_at),
+                    col(&round, |r| r.status_key.clone()),
+                    col(&round, |r| r.decline_reason.clone()),
+                    col(&round, |r| r.expires_at),
+                    col(&round, |r| r.magic_link.clone()),
+                    col(&round, |r| r.created_at),
+                    col(&round, |r| r.accepted_at),
+                    col(&round, |r| r.declined_at),
+                    col(&round, |r| r.t),
+                    col(&round, |r| r.k.clone()),
+                ],
+                None,
+            );
+        }
+        if !self.shares.is_empty() {
+            for round in rounds(&self.shares, |r| r.id) {
+                push(
+                    SHARE_AGREEMENTS,
+                    vec![
+                        col(&round, |r| r.id),
+                        col(&round, |r| r.fleet_id),
+                        col(&round, |r| r.invitation_id),
+                        col(&round, |r| r.fleet_ref.clone()),
+                        col(&round, |r| r.status.clone()),
+                        col(&round, |r| r.scopes.clone()),
+                        col(&round, |r| r.effective_date),
+                        col(&round, |r| r.expiration_date),
+                        col(&round, |r| r.t),
+                        col(&round, |r| r.k.clone()),
+                    ],
+                    None,
+                );
+            }
+            for round in rounds(&self.shares, |r| r.fleet_id) {
+                push(
+                    FLEET_SHARES,
+                    vec![
+                        col(&round, |r| r.fleet_id),
+                        col(&round, |r| r.fleet_ref.clone()),
+                        col(&round, |r| r.invitation_id),
+                        col(&round, |r| r.id),
+                        col(&round, |r| r.status.clone()),
+                        col(&round, |r| r.t),
+                        col(&round, |r| r.k.clone()),
+                    ],
+                    None,
+                );
+            }
+            let mapped: Vec<&ShareRow> = self
+                .shares
+                .iter()
+                .filter(|r| r.invitation_id.is_some())
+                .collect();
+            if !mapped.is_empty() {
+                push(
+                    INVITATION_MAPPINGS,
+                    vec![
+                        col(&mapped, |r| r.invitation_id),
+                        col(&mapped, |r| r.fleet_id),
+                        col(&mapped, |r| r.fleet_ref.clone()),
+                    ],
+                    None,
+                );
+            }
+        }
+        for round in rounds(&self.stages, |r| r.fleet_id) {
+            push(
+                FLEET_STAGES,
+                vec![
+                    col(&round, |r| r.fleet_id),
+                    col(&round, |r| r.fleet_ref.clone()),
+                    col(&round, |r| r.invitation_id),
+                    col(&round, |r| r.stage.as_str()),
+                    col(&round, |r| r.stage.rank()),
+                    col(&round, |r| r.t),
+                    col(&round, |r| r.k.clone()),
+                ],
+                None,
+            );
+        }
+        for round in rounds(&self.connections, |r| r.id) {
+            push(
+                CONNECTIONS,
+                vec![
+                    col(&round, |r| r.id),
+                    col(&round, |r| r.fleet_id),
+                    col(&round, |r| r.tsp_id),
+                    col(&round, |r| r.source_name.clone()),
+                    col(&round, |r| if r.stale { "stale" } else { "active" }),
+                    col(&round, |r| r.t),
+                    col(&round, |r| r.k.clone()),
+                ],
+                None,
+            );
+        }
+        for round in rounds(&self.references, |r| r.id) {
+            push(
+                CONNECTION_REFERENCES,
+                vec![
+                    col(&round, |r| r.id),
+                    col(&round, |r| r.fleet_id),
+                    col(&round, |r| r.source_name.clone()),
+                ],
+                None,
+            );
+        }
+        for round in rounds(&self.fleet_connections, |r| r.id) {
+            push(
+                FLEET_CONNECTIONS,
+                vec![
+                    col(&round, |r| r.id),
+                    col(&round, |r| r.fleet_id),
+                    col(&round, |r| r.connection_id),
+                    col(&round, |r| r.t),
+                ],
+                None,
+            );
+        }
+        let (stale, active): (Vec<&ConnectionRow>, Vec<&ConnectionRow>) =
+            self.connections.iter().partition(|r| r.stale);
+        if !stale.is_empty() {
+            push(
+                CONNECTION_ALERTS_OPEN,
+                vec![col(&stale, |r| r.id), col(&stale, |r| r.t)],
+                Some(AlertKind::ConnectionStale),
+            );
+        }
+        if !active.is_empty() {
+            push(
+                CONNECTION_ALERTS_RESOLVE,
+                vec![col(&active, |r| r.id), col(&active, |r| r.t)],
+                None,
+            );
+        }
+        if !self.executions.is_empty() {
+            let all: Vec<&ExecutionRow> = self.executions.iter().collect();
+            push(
+                EXECUTIONS_FAILED,
+                vec![
+                    col(&all, |r| r.id),
+                    col(&all, |r| r.schedule_id),
+                    col(&all, |r| r.connection_id),
+                    col(&all, |r| r.fleet_id),
+                    col(&all, |r| r.source_name.clone()),
+                    col(&all, |r| r.resource.clone()),
+                    col(&all, |r| r.failed_at),
+                ],
+                None,
+            );
+            push(
+                FAILURE_WARNINGS,
+                vec![
+                    col(&all, |r| r.schedule_id),
+                    col(&all, |r| r.failed_at),
+                    p(PgInterval(rules.failure_window)),
+                    p(rules.failure_threshold),
+                ],
+                None,
+            );
+        }
+        for round in rounds(&self.deactivations, |r| r.id) {
+            push(
+                SCHEDULE_DEACTIVATIONS,
+                vec![
+                    col(&round, |r| r.id),
+                    col(&round, |r| r.connection_id),
+                    col(&round, |r| r.resource.clone()),
+                    col(&round, |r| r.threshold),
+                    col(&round, |r| r.interval),
+                    col(&round, |r| r.t),
+                ],
+                None,
+            );
+        }
+        if !self.deactivations.is_empty() {
+            let all: Vec<&DeactivationRow> = self.deactivations.iter().collect();
+            push(
+                SCHEDULE_ALERTS_OPEN,
+                vec![col(&all, |r| r.id), col(&all, |r| r.t)],
+                Some(AlertKind::ScheduleDeactivated),
+            );
+        }
+        push(BACKFILL_FLEET_REFS, Vec::new(), None);
+        push(BACKFILL_ALERTS, Vec::new(), None);
+        ops
+    }
+}
