@@ -61,3 +61,49 @@ pub(super) fn entity_locks(event: &Event) -> Vec<i64> {
     }
     keys
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::plan::tests::{INVITATION, event};
+
+    #[test]
+    fn every_entity_an_event_writes_is_locked_and_kinds_never_share_a_key() {
+        let shared_id = INVITATION;
+        let share = event(
+            "share_agreement.created",
+            3,
+            serde_json::json!({
+                "id": shared_id, "fleet_id": shared_id, "invitation_id": shared_id,
+                "status": "active",
+            }),
+        );
+        let mut keys = entity_locks(&share);
+        assert_eq!(keys.len(), 3, "share agreement, fleet and invitation");
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(
+            keys.len(),
+            3,
+            "the same id under three kinds gives three keys"
+        );
+
+        let invitation = event(
+            "invitation.created",
+            0,
+            serde_json::json!({"id": shared_id, "fleet_id": shared_id}),
+        );
+        let invitation_keys = entity_locks(&invitation);
+        assert_eq!(invitation_keys.len(), 2);
+        let mut share_keys = entity_locks(&share);
+        share_keys.sort_unstable();
+        for key in &invitation_keys {
+            assert!(
+                share_keys.contains(key),
+                "one entity, one key, whatever the event"
+            );
+        }
+        let unknown = event("vehicle.added", 1, serde_json::json!({"x": 1}));
+        assert!(entity_locks(&unknown).is_empty());
+    }
+}

@@ -533,3 +533,173 @@ impl Plan {
         ops
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::envelope::decode;
+
+    pub(crate) const INVITATION: &str = "6513270e-269e-4d37-b2a7-4de452e6b438";
+    const FLEET: &str = "3f0c7d2e-8a4b-4c1d-9e6f-2a5b7c9d1e3f";
+
+    /// An envelope of `event_name` with one record, its id a UUIDv7 at `minute` past 10:00.
+    pub(crate) fn event(event_name: &str, minute: u32, record: serde_json::Value) -> Event {
+        let id = format!("019abf9b-{:04x}-7000-8000-000000000000", minute * 0x3c);
+        let body = serde_json::json!({
+            "version": "1.0", "event_name": event_name, "webhook_id": "w",
+            "id": id, "data": [record],
+        });
+        decode(&serde_json::to_vec(&body).unwrap(), Utc::now()).unwrap()
+    }
+
+    fn invitation(status: &str, minute: u32, extra: serde_json::Value) -> Event {
+        let mut record = serde_json::json!({
+            "id": INVITATION, "fleet_ref": "FLEET-42",
+            "created_at": format!("2025-11-26T10:{minute:02}:00Z"),
+        });
+        record
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        event(&format!("invitation.{status}"), minute, record)
+    }
+
+    fn plan_of(events: &[&Event]) -> Plan {
+        let mut plan = Plan::default();
+        for event in events {
+            plan.add(event);
+        }
+        plan
+    }
+
+    #[test]
+    fn rounds_never_put_one_key_twice_in_a_statement() {
+        let rows = [1, 2, 1, 3, 1, 2];
+        let rounds = rounds(&rows, |r| *r);
+        assert_eq!(rounds.len(), 3, "key 1 appears three times");
+        for round in &rounds {
+            let mut keys: Vec<_> = round.iter().map(|r| **r).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), round.len());
+        }
+        assert_eq!(rounds.iter().map(Vec::len).sum::<usize>(), rows.len());
+    }
+
+    #[test]
+    fn one_invitations_lifecycle_in_a_batch_merges_into_one_row_in_any_order() {
+        let created = invitation(
+            "created",
+            0,
+            serde_json::json!({"magic_link": "https://l/1", "expires_at": "2025-11-27T10:00:00Z"}),
+        );
+        let viewed = invitation(
+            "viewed",
+            1,
+            serde_json::json!({"magic_link": "https://l/2"}),
+        );
+        let declined = invitation(
+            "declined",
+            2,
+            serde_json::json!({"decline_reason": "not now", "declined_at": "2025-11-26T10:02:00Z"}),
+        );
+        let orders = [
+            [&created, &viewed, &declined],
+            [&declined, &viewed, &created],
+            [&viewed, &declined, &created],
+        ];
+        let merged: Vec<_> = orders
+            .iter()
+            .map(|order| {
+                let plan = plan_of(order);
+                assert_eq!(plan.invitations.len(), 1, "one row per invitation");
+                let r = &plan.invitations[0];
+                (
+                    r.status,
+                    r.rank,
+                    r.magic_link.clone(),
+                    r.decline_reason.clone(),
+                    r.expires_at,
+                    r.created_at,
+                    r.declined_at,
+                    r.k.clone(),
+                )
+            })
+            .collect();
+        assert!(merged.windows(2).all(|w| w[0] == w[1]), "{merged:#?}");
+        let (status, _, link, reason, expires, created_at, ..) = &merged[0];
+        assert_eq!(*status, "declined");
+        assert_eq!(link.as_deref(), Some("https://l/2"), "the newest link wins");
+        assert_eq!(reason.as_deref(), Some("not now"));
+        assert!(expires.is_some(), "an older value fills a gap");
+        assert_eq!(
+            created_at.unwrap().to_rfc3339(),
+            "2025-11-26T10:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn a_fleet_connection_references_its_connection_and_raises_the_stage() {
+        let fc = event(
+            "fleet_connection.created",
+            5,
+            serde_json::json!({
+                "id": "8d1f0a3b-2c4e-4f6a-8b9c-0d1e2f3a4b5c", "fleet_id": FLEET,
+                "connection_id": "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+            }),
+        );
+        let plan = plan_of(&[&fc]);
+        assert_eq!(plan.fleet_connections.len(), 1);
+        assert_eq!(plan.references.len(), 1);
+        assert_eq!(plan.stages.len(), 1);
+        assert_eq!(plan.stages[0].stage, Onboarding::Connected);
+    }
+
+    #[test]
+    fn statements_come_in_dependency_order_and_say_which_open_alerts() {
+        let connection = |name: &str, minute, status: &str| {
+            event(
+                name,
+                minute,
+                serde_json::json!({
+                    "id": "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d", "fleet_id": FLEET,
+                    "source_name": "samsara", "status": status,
+                }),
+            )
+        };
+        let created = connection("connection.created", 1, "active");
+        let staled = connection("connection.staled", 2, "stale");
+        let plan = plan_of(&[&created, &staled]);
+        let ops = plan.ops(&Rules::default());
+        let position = |sql: &str| ops.iter().position(|op| op.sql == sql).unwrap();
+        assert_eq!(
+            ops.iter().filter(|op| op.sql == CONNECTIONS).count(),
+            2,
+            "two events of one connection take two rounds"
+        );
+        assert!(position(CONNECTIONS) < position(CONNECTION_ALERTS_OPEN));
+        assert!(position(CONNECTIONS) < position(CONNECTION_ALERTS_RESOLVE));
+        assert_eq!(
+            ops[position(CONNECTION_ALERTS_OPEN)].opens_alert,
+            Some(AlertKind::ConnectionStale)
+        );
+        assert_eq!(ops[position(CONNECTION_ALERTS_RESOLVE)].opens_alert, None);
+        let tail: Vec<_> = ops[ops.len() - 2..].iter().map(|op| op.sql).collect();
+        assert_eq!(
+            tail,
+            [BACKFILL_FLEET_REFS, BACKFILL_ALERTS],
+            "back-fills last"
+        );
+        for op in &ops {
+            let placeholders = (1..=op.params.len()).all(|n| op.sql.contains(&format!("${n}")));
+            assert!(placeholders, "every parameter is used: {}", op.sql);
+        }
+    }
+
+    #[test]
+    fn ignored_events_plan_nothing() {
+        let unknown = event("vehicle.added", 1, serde_json::json!({"anything": 1}));
+        assert!(plan_of(&[&unknown]).is_empty());
+        assert!(!plan_of(&[&invitation("created", 0, serde_json::json!({}))]).is_empty());
+    }
+}
