@@ -176,13 +176,15 @@ impl<'a> Builder<'a> {
             reference,
         });
 
-        let broker_proxy = match self.relay_via_broker_proxy || self.worker_via_broker_proxy {
-            true => Some(TcpProxy::start(BROKER_ADDR).await),
-            false => None,
+        let broker_proxy = if self.relay_via_broker_proxy || self.worker_via_broker_proxy {
+            Some(TcpProxy::start(BROKER_ADDR).await)
+        } else {
+            None
         };
-        let db_proxy = match self.worker_via_db_proxy {
-            true => Some(TcpProxy::start(POSTGRES_ADDR).await),
-            false => None,
+        let db_proxy = if self.worker_via_db_proxy {
+            Some(TcpProxy::start(POSTGRES_ADDR).await)
+        } else {
+            None
         };
         let relay = match self.relay {
             Some(configure) => {
