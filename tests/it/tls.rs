@@ -6,20 +6,16 @@
 //! generates, in front of the real broker: the client side (lapin, `amqps://`, `cacertfile`)
 //! is exactly what production runs.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use catena_ingest::broker;
-use catena_ingest::scenario::in_order;
-use catena_ingest::topology::Names;
-use common::*;
 use tokio::net::{TcpListener, TcpStream};
 
-const EVENTS: &str = "SELECT count(*) FROM webhook_events";
+use crate::helpers::db::{self, migrate};
+use crate::helpers::*;
 
 /// A CA and a server certificate for `localhost` and 127.0.0.1 signed by it, made with the
 /// openssl command line.
@@ -85,7 +81,7 @@ impl TlsTerminator {
                         return; // a client that refused our certificate
                     };
                     counted.fetch_add(1, Ordering::SeqCst);
-                    let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await else {
+                    let Ok(mut broker) = TcpStream::connect(BROKER_ADDR).await else {
                         return;
                     };
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
@@ -102,7 +98,7 @@ impl TlsTerminator {
 
 /// The certificate the local PostgreSQL serves (asserting that it serves TLS at all).
 async fn postgres_server_cert() -> String {
-    let admin = pg(PG_ADMIN_URL).await;
+    let admin = db::admin().await;
     let ssl: String = admin.query_one("SHOW ssl", &[]).await.unwrap().get(0);
     assert_eq!(
         ssl, "on",
@@ -119,7 +115,7 @@ async fn postgres_server_cert() -> String {
 
 /// Whether a pool built from `database_url` gets an encrypted connection.
 async fn pool_encrypts(database_url: &str) -> bool {
-    let pool = catena_ingest::db::pool(database_url, 1).unwrap();
+    let pool = db::pool(database_url, 1).unwrap();
     let client = pool.get().await.unwrap();
     client
         .query_one(
@@ -137,7 +133,7 @@ fn tls_db_url(host: &str, name: &str, query: &str) -> String {
 
 /// (encrypted, total) connections of our pool to `database`.
 async fn pool_connections_encrypted(database: &str) -> (i64, i64) {
-    let row = pg(PG_ADMIN_URL)
+    let row = db::admin()
         .await
         .query_one(
             "SELECT count(*) FILTER (WHERE s.ssl), count(*)
@@ -155,43 +151,41 @@ async fn the_whole_pipeline_runs_over_verified_tls() {
     let pki = TestPki::generate();
     let terminator = TlsTerminator::start(&pki).await;
     let root = postgres_server_cert().await;
-    let names = Names::new(&unique("tls"));
-    let name = unique("tls");
-    let plain_db = db_url(&name);
-    let db = tls_db_url(
-        "localhost",
-        &name,
-        &format!("sslmode=verify-full&sslrootcert={root}"),
-    );
     let amqps = terminator.url(&format!("?cacertfile={}", pki.path("ca.pem")));
 
     // The worker migrates (a connection outside the pool) and then applies over the pool.
-    let relay = spawn_relay(names.clone(), &amqps, &format!("{WEBHOOK_ID}={SECRET}")).await;
-    let (_worker, stop_worker) = spawn_worker(names.clone(), &db, &amqps).await;
+    let builder = TestPipeline::builder("tls").unmigrated_database();
+    let verified_db = tls_db_url(
+        "localhost",
+        builder.name(),
+        &format!("sslmode=verify-full&sslrootcert={root}"),
+    );
+    let p = builder
+        .relay_config(|config| config.amqp_url = amqps.clone())
+        .worker_config(|config| {
+            config.consumers = 2;
+            config.amqp_url = amqps.clone();
+            config.database_url = verified_db;
+        })
+        .start()
+        .await;
     let events = scenario(10, 11);
-    let report = send_deliveries(&relay.url, &events, &in_order(&events), 8).await;
+    let report = p.send_deliveries(&events, &in_order(&events), 8).await;
     assert_eq!(report.accepted as usize, events.len(), "{report:?}");
-    let applied = wait_for_count(
-        &plain_db,
-        EVENTS,
-        events.len() as i64,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(applied, events.len() as i64, "every event applied over TLS");
+    // Counted over plain text.
+    let applied = p
+        .wait_for_applied(events.len(), Duration::from_secs(60))
+        .await;
+    assert_eq!(applied, events.len(), "every event applied over TLS");
 
-    let (encrypted, total) = pool_connections_encrypted(&name).await;
+    let (encrypted, total) = pool_connections_encrypted(&p.db().name).await;
     assert!(total >= 1, "the worker's pool is connected");
     assert_eq!(encrypted, total, "every pool connection is encrypted");
     assert!(
         terminator.handshakes.load(Ordering::SeqCst) >= 2,
         "relay and worker reached the broker through TLS"
     );
-
-    relay.stop().await;
-    stop_worker.trigger();
-    delete_topology(&names).await;
-    drop_db(&plain_db).await;
+    p.stop().await;
 }
 
 #[tokio::test]
@@ -199,8 +193,8 @@ async fn verification_refuses_the_wrong_server_and_plain_stays_plain() {
     let pki = TestPki::generate();
     let terminator = TlsTerminator::start(&pki).await;
     let root = postgres_server_cert().await;
-    let name = unique("tlsv");
-    let plain_db = db_url(&name);
+    let db = TestDb::reserve(unique("tlsv"));
+    let name = &db.name;
 
     // AMQP: our CA is in no system store, so without cacertfile the broker is refused.
     let refused = broker::connect(&terminator.url(""), "tls test").await;
@@ -219,32 +213,28 @@ async fn verification_refuses_the_wrong_server_and_plain_stays_plain() {
     // PostgreSQL: the server's certificate names localhost, not 127.0.0.1.
     let wrong_host = tls_db_url(
         "127.0.0.1",
-        &name,
+        name,
         &format!("sslmode=verify-full&sslrootcert={root}"),
     );
-    assert!(catena_ingest::db::migrate(&wrong_host).await.is_err());
+    assert!(migrate(&wrong_host).await.is_err());
     let wrong_ca = tls_db_url(
         "localhost",
-        &name,
+        name,
         &format!("sslmode=verify-ca&sslrootcert={}", pki.path("ca.pem")),
     );
-    assert!(catena_ingest::db::migrate(&wrong_ca).await.is_err());
+    assert!(migrate(&wrong_ca).await.is_err());
     // verify-ca checks the chain only, so the IP address is fine with the right root...
     let chain_only = tls_db_url(
         "127.0.0.1",
-        &name,
+        name,
         &format!("sslmode=verify-ca&sslrootcert={root}"),
     );
-    catena_ingest::db::migrate(&chain_only)
+    migrate(&chain_only)
         .await
         .expect("verify-ca with the server's root");
     // ...and require encrypts without verifying, as libpq does.
-    let require = tls_db_url("127.0.0.1", &name, "sslmode=require");
+    let require = tls_db_url("127.0.0.1", name, "sslmode=require");
     assert!(pool_encrypts(&require).await, "sslmode=require encrypts");
     // No sslmode: plain text, as documented (TLS is opt-in).
-    assert!(
-        !pool_encrypts(&plain_db).await,
-        "no sslmode means plain text"
-    );
-    drop_db(&plain_db).await;
+    assert!(!pool_encrypts(&db.url).await, "no sslmode means plain text");
 }

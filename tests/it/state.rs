@@ -1,35 +1,12 @@
 //! The state rules against a real PostgreSQL, without the broker: every event kind alone, the
 //! fixture lifecycle in order and reversed, back-filling, and a property test of convergence.
 
-mod common;
-
-use catena_ingest::envelope::decode;
-use catena_ingest::state::{Applied, Incoming, apply_batch};
-use common::*;
+use catena_ingest::state::Applied;
 use proptest::prelude::*;
 
-async fn apply(url: &str, bodies: &[Vec<u8>]) -> Vec<Applied> {
-    let pool = catena_ingest::db::pool(url, 1).unwrap();
-    let mut client = pool.get().await.unwrap();
-    let events: Vec<_> = bodies
-        .iter()
-        .map(|b| decode(b, chrono::Utc::now()).unwrap())
-        .collect();
-    let incoming: Vec<_> = events
-        .iter()
-        .map(|event| Incoming {
-            event,
-            received_at: None,
-        })
-        .collect();
-    let tx = client.transaction().await.unwrap();
-    let result = apply_batch(&tx, &incoming, &Default::default())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    result.applied
-}
+use crate::helpers::*;
 
+/// The fixture lifecycle, in order: index `i` is fixture `0{i+1}-*`.
 fn fixtures() -> Vec<Vec<u8>> {
     [
         "01-invitation.created.json",
@@ -47,37 +24,22 @@ fn fixtures() -> Vec<Vec<u8>> {
     .collect()
 }
 
-async fn row(url: &str, sql: &str) -> Vec<String> {
-    let client = pg(url).await;
-    let row = client.query_one(sql, &[]).await.unwrap();
-    (0..row.len())
-        .map(|i| {
-            row.get::<_, Option<String>>(i)
-                .unwrap_or_else(|| "NULL".into())
-        })
-        .collect()
-}
-
 const FLEET: &str = "d23f0824-128b-4f33-8c5c-7fd0a6a3a450";
 const CONNECTION: &str = "6b0d549b-6f03-475a-9600-a35a099950d8";
 
 #[tokio::test]
 async fn fixture_lifecycle_in_order_gives_the_documented_rows() {
-    let url = fresh_db("state_order").await;
-    let applied = apply(&url, &fixtures()).await;
+    let db = TestDb::fresh("state_order").await;
+    let applied = db.apply(&fixtures()).await;
     assert!(applied.iter().all(|a| *a == Applied::Applied));
 
     assert_eq!(
-        row(
-            &url,
-            "SELECT status, fleet_ref, fleet_id::text FROM invitations"
-        )
-        .await,
+        db.row("SELECT status, fleet_ref, fleet_id::text FROM invitations")
+            .await,
         ["accepted", "FLEET-42", FLEET]
     );
     assert_eq!(
-        row(
-            &url,
+        db.row(
             "SELECT fleet_ref, onboarding_status, share_status, invitation_id::text FROM fleets"
         )
         .await,
@@ -89,22 +51,20 @@ async fn fixture_lifecycle_in_order_gives_the_documented_rows() {
         ]
     );
     assert_eq!(
-        row(&url, "SELECT status, source_name, fleet_id::text, (staled_at IS NOT NULL)::text FROM connections").await,
+        db.row("SELECT status, source_name, fleet_id::text, (staled_at IS NOT NULL)::text FROM connections").await,
         ["stale", "samsara", FLEET, "true"]
     );
     assert_eq!(
-        row(
-            &url,
-            "SELECT connection_id::text, fleet_id::text FROM fleet_connections"
-        )
-        .await,
+        db.row("SELECT connection_id::text, fleet_id::text FROM fleet_connections")
+            .await,
         [CONNECTION, FLEET]
     );
     assert_eq!(
-        row(&url, "SELECT status, failed_executions::text, consecutive_error_threshold::text, (last_failed_at IS NOT NULL)::text FROM schedules").await,
+        db.row("SELECT status, failed_executions::text, consecutive_error_threshold::text, (last_failed_at IS NOT NULL)::text FROM schedules").await,
         ["deactivated", "1", "6", "true"]
     );
-    let alerts = pg(&url)
+    let alerts = db
+        .client()
         .await
         .query(
             "SELECT kind, state, fleet_ref, fleet_id::text FROM alerts ORDER BY kind",
@@ -134,51 +94,39 @@ async fn fixture_lifecycle_in_order_gives_the_documented_rows() {
         ]
     );
     assert_eq!(
-        count(
-            &url,
-            "SELECT count(*) FROM alert_outbox WHERE action = 'open'"
-        )
-        .await,
+        db.count("SELECT count(*) FROM alert_outbox WHERE action = 'open'")
+            .await,
         2
     );
 
     // Every delivery again: all duplicates, nothing changes.
-    let before = snapshot(&url).await;
-    let again = apply(&url, &fixtures()).await;
+    let before = db.snapshot().await;
+    let again = db.apply(&fixtures()).await;
     assert!(again.iter().all(|a| *a == Applied::Duplicate));
-    assert_eq!(snapshot(&url).await, before);
-    drop_db(&url).await;
+    assert_eq!(db.snapshot().await, before);
 }
 
 #[tokio::test]
 async fn reversed_lifecycle_converges_and_backfills_fleet_ref() {
-    let ordered = fresh_db("state_fwd").await;
-    let reversed = fresh_db("state_rev").await;
+    let ordered = TestDb::fresh("state_fwd").await;
+    let reversed = TestDb::fresh("state_rev").await;
     let mut bodies = fixtures();
-    for body in &bodies {
-        apply(&ordered, std::slice::from_ref(body)).await;
-    }
+    ordered.apply_batches(bodies.chunks(1)).await;
     bodies.reverse();
-    for body in &bodies {
-        apply(&reversed, std::slice::from_ref(body)).await;
-    }
-    assert_same_state(&snapshot(&ordered).await, &snapshot(&reversed).await);
+    reversed.apply_batches(bodies.chunks(1)).await;
+    assert_same_state(&ordered.snapshot().await, &reversed.snapshot().await);
     // The stale alert was raised before any mapping existed, and got its fleet_ref later.
     assert_eq!(
-        row(
-            &reversed,
-            "SELECT fleet_ref FROM alerts WHERE kind = 'connection_stale'"
-        )
-        .await,
+        reversed
+            .row("SELECT fleet_ref FROM alerts WHERE kind = 'connection_stale'")
+            .await,
         ["FLEET-42"]
     );
     // A late invitation.accepted does not move a connected fleet backwards.
     assert_eq!(
-        row(&reversed, "SELECT onboarding_status FROM fleets").await,
+        reversed.row("SELECT onboarding_status FROM fleets").await,
         ["connected"]
     );
-    drop_db(&ordered).await;
-    drop_db(&reversed).await;
 }
 
 #[tokio::test]
@@ -229,16 +177,15 @@ async fn each_event_kind_alone() {
         ),
     ];
     for (index, sql, want) in cases {
-        let url = fresh_db(&format!("state_alone{index}")).await;
-        apply(&url, std::slice::from_ref(&f[index])).await;
-        assert_eq!(row(&url, sql).await, want, "fixture {index}");
-        drop_db(&url).await;
+        let db = TestDb::fresh(&format!("state_alone{index}")).await;
+        db.apply(std::slice::from_ref(&f[index])).await;
+        assert_eq!(db.row(sql).await, want, "fixture {index}");
     }
 }
 
 #[tokio::test]
 async fn recovery_resolves_the_stale_alert_only_when_newer() {
-    let url = fresh_db("state_recover").await;
+    let db = TestDb::fresh("state_recover").await;
     let staled = fixture("events/09-connection.staled.json");
     let mut envelope: serde_json::Value = serde_json::from_slice(&staled).unwrap();
     // An *older* active record (id time before the staled one) must not resolve it.
@@ -249,31 +196,21 @@ async fn recovery_resolves_the_stale_alert_only_when_newer() {
     envelope["id"] = "01a00000-0000-7000-8000-000000000002".into();
     let newer_active = serde_json::to_vec(&envelope).unwrap();
 
-    apply(&url, std::slice::from_ref(&staled)).await;
-    apply(&url, &[older_active]).await;
-    assert_eq!(row(&url, "SELECT state FROM alerts").await, ["open"]);
-    apply(&url, &[newer_active]).await;
+    db.apply(std::slice::from_ref(&staled)).await;
+    db.apply(&[older_active]).await;
+    assert_eq!(db.row("SELECT state FROM alerts").await, ["open"]);
+    db.apply(&[newer_active]).await;
     assert_eq!(
-        row(
-            &url,
-            "SELECT state, (resolved_at IS NOT NULL)::text FROM alerts"
-        )
-        .await,
+        db.row("SELECT state, (resolved_at IS NOT NULL)::text FROM alerts")
+            .await,
         ["resolved", "true"]
     );
+    assert_eq!(db.row("SELECT status FROM connections").await, ["active"]);
     assert_eq!(
-        row(&url, "SELECT status FROM connections").await,
-        ["active"]
-    );
-    assert_eq!(
-        count(
-            &url,
-            "SELECT count(*) FROM alert_outbox WHERE action = 'resolve'"
-        )
-        .await,
+        db.count("SELECT count(*) FROM alert_outbox WHERE action = 'resolve'")
+            .await,
         1
     );
-    drop_db(&url).await;
 }
 
 proptest! {
@@ -286,18 +223,13 @@ proptest! {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let events = scenario(6, seed);
-            let reference = fresh_db("prop_ref").await;
-            apply_in_order(&reference, &events).await;
-            let shuffled = fresh_db("prop_mix").await;
-            let deliveries = catena_ingest::scenario::duplicated_and_shuffled(&events, dup, seed ^ 0x5eed);
+            let reference = TestDb::fresh("prop_ref").await;
+            reference.apply_in_order(&events).await;
+            let shuffled = TestDb::fresh("prop_mix").await;
+            let deliveries = duplicated_and_shuffled(&events, dup, seed ^ 0x5eed);
             let bodies: Vec<Vec<u8>> = deliveries.iter().map(|d| events[d.event].body(d.attempt)).collect();
-            for chunk in bodies.chunks(batch) {
-                apply(&shuffled, chunk).await;
-            }
-            let (a, b) = (snapshot(&reference).await, snapshot(&shuffled).await);
-            drop_db(&reference).await;
-            drop_db(&shuffled).await;
-            assert_same_state(&a, &b);
+            shuffled.apply_batches(bodies.chunks(batch)).await;
+            assert_same_state(&reference.snapshot().await, &shuffled.snapshot().await);
         });
     }
 }

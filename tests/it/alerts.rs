@@ -1,23 +1,17 @@
 //! Alerts reaching people: a real Alertmanager, a recording webhook sink, the outbox under
 //! sink outages and competing notifiers, the state gauges, and log hygiene.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
 use catena_ingest::alerts::NotifierConfig;
-use catena_ingest::scenario::in_order;
-use catena_ingest::topology::Names;
-use catena_ingest::worker::WorkerConfig;
-use common::*;
 
-const EVENTS: &str = "SELECT count(*) FROM webhook_events";
+use crate::helpers::alerting::{Alertmanager, RecordingSink};
+use crate::helpers::http::{metric_value, wait_http_ok};
+use crate::helpers::load::send_deliveries;
+use crate::helpers::*;
+
 const PENDING: &str = "SELECT count(*) FROM alert_outbox WHERE delivered_at IS NULL";
-
-fn secrets() -> String {
-    format!("{WEBHOOK_ID}={SECRET}")
-}
 
 fn fast_notifier(alertmanager: Option<&str>, webhook: Option<&str>) -> NotifierConfig {
     NotifierConfig {
@@ -29,21 +23,6 @@ fn fast_notifier(alertmanager: Option<&str>, webhook: Option<&str>) -> NotifierC
     }
 }
 
-async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
 fn recovery_of(staled: &[u8]) -> Vec<u8> {
     let mut envelope: serde_json::Value = serde_json::from_slice(staled).unwrap();
     envelope["event_name"] = "connection.created".into();
@@ -52,16 +31,25 @@ fn recovery_of(staled: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&envelope).unwrap()
 }
 
+/// How many times each outbox row reached the sink.
+fn deliveries_per_row(bodies: &[serde_json::Value]) -> HashMap<i64, usize> {
+    let mut per_row: HashMap<i64, usize> = HashMap::new();
+    for body in bodies {
+        *per_row
+            .entry(body["outbox_id"].as_i64().unwrap())
+            .or_default() += 1;
+    }
+    per_row
+}
+
 #[tokio::test]
 async fn stale_connection_fires_once_in_alertmanager_and_recovery_resolves_it() {
-    let names = Names::new(&unique("am"));
-    let db = fresh_db("am").await;
     let am = Alertmanager::start(free_port()).await;
-    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
-    let mut config = WorkerConfig::new(AMQP_URL, names.clone(), &db);
-    config.notifier = fast_notifier(Some(&am.url), None);
-    let (worker, stop) = spawn_worker_with(config).await;
-    let client = reqwest::Client::new();
+    let p = TestPipeline::builder("am")
+        .relay()
+        .worker_config(|config| config.notifier = fast_notifier(Some(&am.url), None))
+        .start()
+        .await;
 
     for f in [
         "01-invitation.created",
@@ -71,23 +59,16 @@ async fn stale_connection_fires_once_in_alertmanager_and_recovery_resolves_it() 
         "06-fleet_connection.created",
         "09-connection.staled",
     ] {
-        assert_eq!(
-            Post::new(&fixture(&format!("events/{f}.json")))
-                .send(&client, &relay.url)
-                .await,
-            202
-        );
+        assert_eq!(p.send(&fixture(&format!("events/{f}.json"))).await, 202);
     }
     // Catena redelivers the staled event twice more.
     let staled = fixture("events/09-connection.staled.json");
     for _ in 0..2 {
-        assert_eq!(Post::new(&staled).send(&client, &relay.url).await, 202);
+        assert_eq!(p.send(&staled).await, 202);
     }
     assert!(
-        wait_until(Duration::from_secs(20), || async {
-            am.active("CatenaConnectionStale").await.len() == 1
-        })
-        .await
+        am.wait_for_active("CatenaConnectionStale", 1, Duration::from_secs(20))
+            .await
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let firing = am.active("CatenaConnectionStale").await;
@@ -115,183 +96,147 @@ async fn stale_connection_fires_once_in_alertmanager_and_recovery_resolves_it() 
             .starts_with("https://connect.catenatelematics.com/")
     );
 
-    assert_eq!(
-        Post::new(&recovery_of(&staled))
-            .send(&client, &relay.url)
-            .await,
-        202
-    );
+    assert_eq!(p.send(&recovery_of(&staled)).await, 202);
     assert!(
-        wait_until(Duration::from_secs(20), || async {
-            am.active("CatenaConnectionStale").await.is_empty()
-        })
-        .await,
+        am.wait_for_active("CatenaConnectionStale", 0, Duration::from_secs(20))
+            .await,
         "the recovery resolves the alert in Alertmanager"
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM alerts WHERE state = 'resolved'").await,
+        p.count("SELECT count(*) FROM alerts WHERE state = 'resolved'")
+            .await,
         1
     );
-    stop.trigger();
-    worker.handle.await.unwrap();
-    relay.stop().await;
-    am.stop();
-    delete_topology(&names).await;
-    drop_db(&db).await;
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn sinks_down_queue_in_the_outbox_and_deliver_once_when_back() {
-    let names = Names::new(&unique("amdown"));
-    let db = fresh_db("amdown").await;
     let am_port = free_port();
     let sink = RecordingSink::start().await;
-    sink.up.store(false, std::sync::atomic::Ordering::SeqCst);
-    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
-    let mut config = WorkerConfig::new(AMQP_URL, names.clone(), &db);
-    config.notifier = fast_notifier(
-        Some(&format!("http://127.0.0.1:{am_port}")),
-        Some(&sink.url),
-    );
-    let (worker, stop) = spawn_worker_with(config).await;
+    sink.set_up(false);
+    let p = TestPipeline::builder("amdown")
+        .relay()
+        .worker_config(|config| {
+            config.notifier = fast_notifier(
+                Some(&format!("http://127.0.0.1:{am_port}")),
+                Some(&sink.url),
+            )
+        })
+        .start()
+        .await;
 
     // Ingestion is unaffected while both sinks are down.
     let events = scenario(120, 77);
-    let report = send_deliveries(&relay.url, &events, &in_order(&events), 16).await;
+    let report = p.send_deliveries(&events, &in_order(&events), 16).await;
     assert_eq!(report.accepted as usize, events.len());
     assert_eq!(
-        wait_for_count(&db, EVENTS, events.len() as i64, Duration::from_secs(60)).await,
-        events.len() as i64
+        p.wait_for_applied(events.len(), Duration::from_secs(60))
+            .await,
+        events.len()
     );
-    let outbox = count(&db, "SELECT count(*) FROM alert_outbox").await;
+    let outbox = p.count("SELECT count(*) FROM alert_outbox").await;
     assert!(outbox > 5, "the scenario raised alerts ({outbox})");
     assert!(
-        count(&db, PENDING).await > 0,
+        p.count(PENDING).await > 0,
         "nothing delivered while the sinks are down"
     );
 
     // Back up: everything is delivered, each outbox row exactly once per sink.
     let am = Alertmanager::start(am_port).await;
-    sink.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    sink.set_up(true);
     // Failed rows wait out their backoff (1-2 s for the first retries).
     assert!(
         wait_until(Duration::from_secs(60), || async {
-            count(&db, PENDING).await == 0
+            p.count(PENDING).await == 0
         })
         .await
     );
-    let mut per_row: HashMap<i64, usize> = HashMap::new();
-    for body in sink.bodies() {
-        *per_row
-            .entry(body["outbox_id"].as_i64().unwrap())
-            .or_default() += 1;
-    }
+    let per_row = deliveries_per_row(&sink.bodies());
     assert_eq!(
         per_row.len() as i64,
         outbox,
         "every outbox row reached the webhook sink"
     );
     assert!(per_row.values().all(|n| *n == 1), "and each exactly once");
-    let open_stale = count(
-        &db,
-        "SELECT count(*) FROM alerts WHERE state = 'open' AND kind = 'connection_stale'",
-    )
-    .await;
+    let open_stale = p
+        .count("SELECT count(*) FROM alerts WHERE state = 'open' AND kind = 'connection_stale'")
+        .await;
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            am.active("CatenaConnectionStale").await.len() as i64 == open_stale
-        })
+        am.wait_for_active(
+            "CatenaConnectionStale",
+            open_stale as usize,
+            Duration::from_secs(10)
+        )
         .await
     );
-    let open_deactivated = count(
-        &db,
-        "SELECT count(*) FROM alerts WHERE state = 'open' AND kind = 'schedule_deactivated'",
-    )
-    .await;
+    let open_deactivated = p
+        .count("SELECT count(*) FROM alerts WHERE state = 'open' AND kind = 'schedule_deactivated'")
+        .await;
     assert_eq!(
         am.active("CatenaScheduleDeactivated").await.len() as i64,
         open_deactivated
     );
-
-    stop.trigger();
-    worker.handle.await.unwrap();
-    relay.stop().await;
-    am.stop();
-    delete_topology(&names).await;
-    drop_db(&db).await;
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn two_worker_processes_deliver_each_outbox_row_once() {
-    let prefix = unique("notify2");
-    let names = Names::new(&prefix);
-    let db = fresh_db("notify2").await;
     let sink = RecordingSink::start().await;
-    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
+    let p = TestPipeline::builder("notify2").relay().start().await;
     let env = [
         ("ALERT_WEBHOOK_URL", sink.url.as_str()),
         ("WORKER_BATCH_SIZE", "20"),
     ];
-    let mut workers = vec![
-        worker_process(&prefix, &db, AMQP_URL, &env),
-        worker_process(&prefix, &db, AMQP_URL, &env),
+    let workers = [
+        p.worker_process().envs(&env).spawn(),
+        p.worker_process().envs(&env).spawn(),
     ];
     let events = scenario(150, 78);
-    let report = send_deliveries(&relay.url, &events, &in_order(&events), 16).await;
+    let report = p.send_deliveries(&events, &in_order(&events), 16).await;
     assert_eq!(report.accepted as usize, events.len());
     assert_eq!(
-        wait_for_count(&db, EVENTS, events.len() as i64, Duration::from_secs(60)).await,
-        events.len() as i64
+        p.wait_for_applied(events.len(), Duration::from_secs(60))
+            .await,
+        events.len()
     );
     assert!(
         wait_until(Duration::from_secs(30), || async {
-            count(&db, PENDING).await == 0
+            p.count(PENDING).await == 0
         })
         .await
     );
-    let outbox = count(&db, "SELECT count(*) FROM alert_outbox").await;
+    let outbox = p.count("SELECT count(*) FROM alert_outbox").await;
     let bodies = sink.bodies();
-    let mut per_row: HashMap<i64, usize> = HashMap::new();
-    for body in &bodies {
-        *per_row
-            .entry(body["outbox_id"].as_i64().unwrap())
-            .or_default() += 1;
-    }
+    let per_row = deliveries_per_row(&bodies);
     assert!(outbox > 5);
     assert_eq!(per_row.len() as i64, outbox);
     assert_eq!(bodies.len() as i64, outbox, "no row delivered twice");
-    for worker in &mut workers {
-        signal(worker, "TERM");
+    for worker in &workers {
+        worker.signal("TERM");
     }
-    for mut worker in workers {
-        assert!(worker.wait().unwrap().success());
+    for worker in workers {
+        assert!(worker.wait().await.success());
     }
-    relay.stop().await;
-    delete_topology(&names).await;
-    drop_db(&db).await;
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn gauges_match_the_tables_after_a_scenario() {
-    let names = Names::new(&unique("gauges"));
-    let db = fresh_db("gauges").await;
-    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
-    let mut config = WorkerConfig::new(AMQP_URL, names.clone(), &db);
-    config.notifier = fast_notifier(None, None);
-    let (worker, stop) = spawn_worker_with(config).await;
+    let p = TestPipeline::builder("gauges")
+        .relay()
+        .worker_config(|config| config.notifier = fast_notifier(None, None))
+        .start()
+        .await;
     let events = scenario(100, 79);
-    send_deliveries(&relay.url, &events, &in_order(&events), 16).await;
+    p.send_deliveries(&events, &in_order(&events), 16).await;
     assert_eq!(
-        wait_for_count(&db, EVENTS, events.len() as i64, Duration::from_secs(60)).await,
-        events.len() as i64
+        p.wait_for_applied(events.len(), Duration::from_secs(60))
+            .await,
+        events.len()
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let metrics = reqwest::get(format!("http://{}/metrics", worker.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http::get_text(&p.worker_endpoint("/metrics")).await;
     let checks = [
         (
             "catena_alerts_open{kind=\"connection_stale\"}",
@@ -320,7 +265,7 @@ async fn gauges_match_the_tables_after_a_scenario() {
         ("catena_parked_messages", "SELECT 0::bigint"),
     ];
     for (series, sql) in checks {
-        let want = count(&db, sql).await as f64;
+        let want = p.count(sql).await as f64;
         assert_eq!(metric_value(&metrics, series), Some(want), "{series}");
     }
     assert!(metric_value(&metrics, "catena_connections{status=\"active\"}").unwrap() > 0.0);
@@ -334,32 +279,20 @@ async fn gauges_match_the_tables_after_a_scenario() {
             .unwrap()
         })
         .sum();
-    assert_eq!(
-        raised as i64,
-        count(&db, "SELECT count(*) FROM alerts").await
-    );
-    stop.trigger();
-    worker.handle.await.unwrap();
-    relay.stop().await;
-    delete_topology(&names).await;
-    drop_db(&db).await;
+    assert_eq!(raised as i64, p.count("SELECT count(*) FROM alerts").await);
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn no_secret_token_or_magic_link_in_any_log_line() {
-    let prefix = unique("logs");
-    let names = Names::new(&prefix);
-    let db = fresh_db("logs").await;
+    let p = TestPipeline::builder("logs").start().await;
     let dir = TempDir::new("logs");
     let (relay_log, worker_log) = (dir.path.join("relay.log"), dir.path.join("worker.log"));
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut relay = relay_process(&prefix, &listen, &secrets(), &relay_log);
+    let relay = p.relay_process(&listen).log_to(&relay_log).spawn();
     let sink = RecordingSink::start().await;
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_catena-ingest"))
-        .arg("worker")
-        .env("CATENA_NAME_PREFIX", &prefix)
-        .env("DATABASE_URL", &db)
-        .env("METRICS_LISTEN", "127.0.0.1:0")
+    let worker = p
+        .worker_process()
         .env("ALERT_WEBHOOK_URL", &sink.url)
         .env(
             "ALERTMANAGER_URL",
@@ -367,29 +300,27 @@ async fn no_secret_token_or_magic_link_in_any_log_line() {
         )
         .env("RUST_LOG", "debug")
         .env("LOG_FORMAT", "json")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&worker_log).unwrap())
-        .spawn()
-        .unwrap();
+        .log_to(&worker_log)
+        .spawn();
     assert!(wait_http_ok(&format!("http://{listen}/readyz"), Duration::from_secs(20)).await);
     let url = format!("http://{listen}/webhooks/catena");
     let events = scenario(60, 80);
     send_deliveries(&url, &events, &in_order(&events), 8).await;
     // Refusals are logged too: make some.
-    let client = reqwest::Client::new();
     let mut wrong = Post::new(&fixture("events/03-invitation.accepted.json"));
     wrong.secret = "not-the-secret";
-    assert_eq!(wrong.send(&client, &url).await, 401);
-    assert_eq!(Post::new(b"{broken").send(&client, &url).await, 202);
+    assert_eq!(wrong.send(&p.client, &url).await, 401);
+    assert_eq!(Post::new(b"{broken").send(&p.client, &url).await, 202);
     assert_eq!(
-        wait_for_count(&db, EVENTS, events.len() as i64, Duration::from_secs(60)).await,
-        events.len() as i64
+        p.wait_for_applied(events.len(), Duration::from_secs(60))
+            .await,
+        events.len()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    signal(&relay, "TERM");
-    signal(&worker, "TERM");
-    relay.wait().unwrap();
-    worker.wait().unwrap();
+    relay.signal("TERM");
+    worker.signal("TERM");
+    relay.wait().await;
+    worker.wait().await;
 
     let logs = std::fs::read_to_string(&relay_log).unwrap()
         + &std::fs::read_to_string(&worker_log).unwrap();
@@ -402,6 +333,5 @@ async fn no_secret_token_or_magic_link_in_any_log_line() {
     ] {
         assert!(!logs.contains(needle), "`{needle}` leaked into the logs");
     }
-    delete_topology(&names).await;
-    drop_db(&db).await;
+    p.stop().await;
 }

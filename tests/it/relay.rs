@@ -1,34 +1,39 @@
 //! The relay through its real HTTP server against the real broker.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use catena_ingest::topology::Names;
-use common::*;
+use crate::helpers::http::sign;
+use crate::helpers::*;
 
-fn secrets() -> String {
-    format!("{WEBHOOK_ID}={SECRET},{WEBHOOK_ID}=old-secret-still-valid")
+const OLD_SECRET: &str = "old-secret-still-valid";
+
+/// The relay's secrets: [`SECRET`] and, rotated out but still valid, [`OLD_SECRET`].
+fn rotated_secrets() -> String {
+    format!("{WEBHOOK_ID}={SECRET},{WEBHOOK_ID}={OLD_SECRET}")
+}
+
+/// A relay (and no database or worker) with the rotated secrets.
+fn relay_only(tag: &str) -> pipeline::Builder<'static> {
+    TestPipeline::builder(tag)
+        .without_database()
+        .relay_secrets(&rotated_secrets())
 }
 
 #[tokio::test]
 async fn accepted_webhooks_land_once_with_body_and_headers() {
-    let names = Names::new(&unique("relay_ok"));
-    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
-    let client = reqwest::Client::new();
+    let p = relay_only("relay_ok").relay().start().await;
     let body = fixture("events/09-connection.staled.json");
 
-    let gz = Post::new(&body);
-    assert_eq!(gz.send(&client, &relay.url).await, 202);
+    assert_eq!(p.send(&body).await, 202);
     let mut plain = Post::new(&body);
     plain.gzip = false;
-    assert_eq!(plain.send(&client, &relay.url).await, 202);
+    assert_eq!(p.send_post(&plain).await, 202);
     // Rotation: the previous secret of the same webhook id still verifies.
     let mut rotated = Post::new(&body);
-    rotated.secret = "old-secret-still-valid";
-    assert_eq!(rotated.send(&client, &relay.url).await, 202);
+    rotated.secret = OLD_SECRET;
+    assert_eq!(p.send_post(&rotated).await, 202);
 
-    let taken = drain(&names.events_queue, Duration::from_millis(500)).await;
+    let taken = p.drain_events(Duration::from_millis(500)).await;
     assert_eq!(
         taken.len(),
         3,
@@ -44,24 +49,22 @@ async fn accepted_webhooks_land_once_with_body_and_headers() {
         assert!(message.headers.contains_key("x-catena-timestamp"));
         assert!(message.headers.contains_key("received_at"));
     }
-    relay.stop().await;
-    delete_topology(&names).await;
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn every_bad_request_is_refused_and_nothing_is_queued() {
-    let names = Names::new(&unique("relay_bad"));
-    let relay = spawn_relay(names.clone(), AMQP_URL, &secrets()).await;
-    let client = reqwest::Client::new();
+    let p = relay_only("relay_bad").relay().start().await;
+    let (client, url) = (&p.client, p.relay_url());
     let body = fixture("events/01-invitation.created.json");
     let now = chrono::Utc::now();
 
     let mut cases: Vec<(&str, u16, reqwest::RequestBuilder)> = Vec::new();
     let ts = now.to_rfc3339();
-    let sig = catena_ingest::signature::sign(SECRET.as_bytes(), &ts, &body);
+    let sig = sign(SECRET, &ts, &body);
     let base = || {
         client
-            .post(&relay.url)
+            .post(&url)
             .header("X-Webhook-ID", WEBHOOK_ID)
             .body(body.clone())
     };
@@ -77,20 +80,16 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
     ));
     let mut wrong = Post::new(&body);
     wrong.secret = "not-the-secret";
-    cases.push(("wrong secret", 401, wrong.request(&client, &relay.url)));
+    cases.push(("wrong secret", 401, wrong.request(client, &url)));
     let mut unknown = Post::new(&body);
     unknown.webhook_id = "00000000-0000-0000-0000-000000000000";
-    cases.push((
-        "unknown webhook id",
-        401,
-        unknown.request(&client, &relay.url),
-    ));
+    cases.push(("unknown webhook id", 401, unknown.request(client, &url)));
     let mut old = Post::new(&body);
     old.timestamp = (now - chrono::Duration::seconds(301)).to_rfc3339();
-    cases.push(("old timestamp", 401, old.request(&client, &relay.url)));
+    cases.push(("old timestamp", 401, old.request(client, &url)));
     let mut future = Post::new(&body);
     future.timestamp = (now + chrono::Duration::seconds(90)).to_rfc3339();
-    cases.push(("future timestamp", 401, future.request(&client, &relay.url)));
+    cases.push(("future timestamp", 401, future.request(client, &url)));
 
     // Missing headers and a non-base64 signature.
     cases.push((
@@ -114,7 +113,7 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
         "corrupt gzip",
         400,
         client
-            .post(&relay.url)
+            .post(&url)
             .header("Content-Encoding", "gzip")
             .header("X-Catena-Timestamp", &ts)
             .header("X-Catena-Signature", &sig)
@@ -128,7 +127,7 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
         "gzip bomb",
         413,
         client
-            .post(&relay.url)
+            .post(&url)
             .header("Content-Encoding", "gzip")
             .header("X-Catena-Timestamp", &ts)
             .header("X-Catena-Signature", &sig)
@@ -143,11 +142,11 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
             .header("X-Catena-Signature", &sig)
             .body(vec![b'x'; 2 * 1024 * 1024]),
     ));
-    cases.push(("GET", 405, client.get(&relay.url)));
+    cases.push(("GET", 405, client.get(&url)));
     cases.push((
         "wrong path",
         404,
-        client.post(relay.url.replace("/webhooks/catena", "/webhooks/other")),
+        client.post(p.relay_endpoint("/webhooks/other")),
     ));
 
     for (what, want, request) in cases {
@@ -156,18 +155,11 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
     }
 
     // Then one good one: the queue must hold exactly that one.
-    assert_eq!(Post::new(&body).send(&client, &relay.url).await, 202);
-    let taken = drain(&names.events_queue, Duration::from_millis(500)).await;
+    assert_eq!(p.send(&body).await, 202);
+    let taken = p.drain_events(Duration::from_millis(500)).await;
     assert_eq!(taken.len(), 1, "refused requests must not be queued");
 
-    let metrics = client
-        .get(relay.url.replace("/webhooks/catena", "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = p.relay_metrics().await;
     for line in [
         "catena_relay_requests_total{outcome=\"accepted\"} 1",
         "catena_relay_requests_total{outcome=\"invalid_signature\"} 5",
@@ -177,26 +169,27 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
     ] {
         assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
     }
-    relay.stop().await;
-    delete_topology(&names).await;
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn broker_cut_means_503_then_recovery_without_restart() {
-    let names = Names::new(&unique("relay_cut"));
-    let proxy = TcpProxy::start("127.0.0.1:5672").await;
-    let relay = spawn_relay(names.clone(), &proxy.amqp_url(), &secrets()).await;
+    let p = relay_only("relay_cut")
+        .relay_via_broker_proxy()
+        .relay()
+        .start()
+        .await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
+    let (url, ready) = (p.relay_url(), p.relay_endpoint("/readyz"));
     let body = fixture("events/05-connection.created.json");
-    let ready = relay.url.replace("/webhooks/catena", "/readyz");
 
-    assert_eq!(Post::new(&body).send(&client, &relay.url).await, 202);
-    proxy.cut();
+    assert_eq!(Post::new(&body).send(&client, &url).await, 202);
+    p.broker_proxy().cut();
     let started = Instant::now();
-    let status = Post::new(&body).send(&client, &relay.url).await;
+    let status = Post::new(&body).send(&client, &url).await;
     assert_eq!(status, 503, "broker gone must be a 503 so Catena retries");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -209,16 +202,11 @@ async fn broker_cut_means_503_then_recovery_without_restart() {
         503
     );
 
-    proxy.restore();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut recovered = false;
-    while Instant::now() < deadline {
-        if Post::new(&body).send(&client, &relay.url).await == 202 {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    p.broker_proxy().restore();
+    let recovered = wait_until(Duration::from_secs(20), || async {
+        Post::new(&body).send(&client, &url).await == 202
+    })
+    .await;
     assert!(
         recovered,
         "relay must publish again once the broker is back, without a restart"
@@ -228,20 +216,19 @@ async fn broker_cut_means_503_then_recovery_without_restart() {
         200
     );
 
-    let taken = drain(&names.events_queue, Duration::from_millis(500)).await;
+    let taken = p.drain_events(Duration::from_millis(500)).await;
     assert_eq!(taken.len(), 2, "the two 202s are queued, the 503s are not");
-    relay.stop().await;
-    delete_topology(&names).await;
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let names = Names::new(&unique("relay_abuse"));
-    let mut config = relay_config(names.clone(), AMQP_URL, &secrets());
-    config.header_timeout = Duration::from_millis(500);
-    let relay = spawn_relay_with(config).await;
-    let addr = relay.running.addr;
+    let p = relay_only("relay_abuse")
+        .relay_config(|config| config.header_timeout = Duration::from_millis(500))
+        .start()
+        .await;
+    let addr = p.relay_addr();
 
     // Slowloris: half a request line of headers, then nothing. The relay hangs up.
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -272,7 +259,7 @@ async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
     // Two pipelined requests on one keep-alive connection: two answers, in order.
     let body = fixture("events/05-connection.created.json");
     let ts = chrono::Utc::now().to_rfc3339();
-    let sig = catena_ingest::signature::sign(SECRET.as_bytes(), &ts, &body);
+    let sig = sign(SECRET, &ts, &body);
     let one = |body: &[u8]| {
         let mut r = format!(
             "POST /webhooks/catena HTTP/1.1\r\nHost: x\r\nX-Webhook-ID: {WEBHOOK_ID}\r\nX-Catena-Timestamp: {ts}\r\nX-Catena-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
@@ -295,28 +282,21 @@ async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
     let text = String::from_utf8_lossy(&response);
     assert_eq!(text.matches("HTTP/1.1 202").count(), 2, "{text}");
     assert_eq!(text.matches("HTTP/1.1 200").count(), 1, "{text}");
-    assert_eq!(
-        drain(&names.events_queue, Duration::from_millis(500))
-            .await
-            .len(),
-        2
-    );
-    relay.stop().await;
-    delete_topology(&names).await;
+    assert_eq!(p.drain_events(Duration::from_millis(500)).await.len(), 2);
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn beyond_the_concurrency_cap_the_answer_is_an_immediate_503() {
     use tokio::io::AsyncWriteExt;
-    let names = Names::new(&unique("relay_cap"));
-    let mut config = relay_config(names.clone(), AMQP_URL, &secrets());
-    config.max_concurrency = 1;
-    let relay = spawn_relay_with(config).await;
-    let client = reqwest::Client::new();
+    let p = relay_only("relay_cap")
+        .relay_config(|config| config.max_concurrency = 1)
+        .start()
+        .await;
     let body = fixture("events/05-connection.created.json");
 
     // Hold the only slot: headers announce a body that never finishes arriving.
-    let mut holder = tokio::net::TcpStream::connect(relay.running.addr)
+    let mut holder = tokio::net::TcpStream::connect(p.relay_addr())
         .await
         .unwrap();
     holder
@@ -325,7 +305,7 @@ async fn beyond_the_concurrency_cap_the_answer_is_an_immediate_503() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    assert_eq!(Post::new(&body).send(&client, &relay.url).await, 503);
+    assert_eq!(p.send(&body).await, 503);
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "refused at once, not queued"
@@ -334,13 +314,7 @@ async fn beyond_the_concurrency_cap_the_answer_is_an_immediate_503() {
     // Slot released: accepted again.
     drop(holder);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(Post::new(&body).send(&client, &relay.url).await, 202);
-    assert_eq!(
-        drain(&names.events_queue, Duration::from_millis(500))
-            .await
-            .len(),
-        1
-    );
-    relay.stop().await;
-    delete_topology(&names).await;
+    assert_eq!(p.send(&body).await, 202);
+    assert_eq!(p.drain_events(Duration::from_millis(500)).await.len(), 1);
+    p.stop().await;
 }

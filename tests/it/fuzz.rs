@@ -10,18 +10,7 @@ use catena_ingest::signature::{self, SignedHeaders, Window};
 use chrono::Utc;
 use proptest::prelude::*;
 
-fn fixtures() -> Vec<Vec<u8>> {
-    let dir = format!("{}/tests/fixtures/events", env!("CARGO_MANIFEST_DIR"));
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect()
-}
+use crate::helpers::fixture_events;
 
 /// Flip, delete or insert bytes at random positions of a seed.
 fn mutate(seed: &[u8], edits: &[(usize, u8, u8)]) -> Vec<u8> {
@@ -48,7 +37,7 @@ proptest! {
 
     #[test]
     fn decoder_never_panics_on_mutated_fixtures(seed in 0usize..9, edits in prop::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..12)) {
-        let fixtures = fixtures();
+        let fixtures = fixture_events();
         let body = mutate(&fixtures[seed % fixtures.len()], &edits);
         let _ = decode(&body, Utc::now());
     }

@@ -1,29 +1,19 @@
 //! Operator tooling against the real broker and database: the parking lot CLI, `fleet show`,
 //! and the contract between the shipped dashboard/rules and the metrics the binary exports.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use catena_ingest::broker::Publisher;
 use catena_ingest::parked::{self, Filter};
 use catena_ingest::shutdown::Shutdown;
-use catena_ingest::topology::Names;
-use common::*;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
-const EVENTS: &str = "SELECT count(*) FROM webhook_events";
+use crate::helpers::*;
 
-/// Put a message straight into the parking lot, as the worker would have.
-async fn park_directly(
-    publisher: &Publisher,
-    names: &Names,
-    body: &[u8],
-    event: &str,
-    reason: &str,
-) {
+/// Put a message straight into the parking lot `queue`, as the worker would have.
+async fn park_directly(publisher: &Publisher, queue: &str, body: &[u8], event: &str, reason: &str) {
     let mut headers = FieldTable::default();
     headers.insert("x-park-reason".into(), AMQPValue::LongString(reason.into()));
     headers.insert(
@@ -42,7 +32,7 @@ async fn park_directly(
     publisher
         .publish(
             "",
-            &names.parked_queue,
+            queue,
             body,
             BasicProperties::default().with_headers(headers),
             Duration::from_secs(5),
@@ -51,20 +41,10 @@ async fn park_directly(
         .unwrap();
 }
 
-fn cli(prefix: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_catena-ingest"))
-        .args(args)
-        .env("CATENA_NAME_PREFIX", prefix)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
-    let prefix = unique("parked");
-    let names = Names::new(&prefix);
-    let db = fresh_db("parked").await;
+    let mut p = TestPipeline::builder("parked").start().await;
+    let names = p.names.clone();
     let shutdown = Shutdown::new();
     let publisher = Publisher::start(AMQP_URL, "test parker", names.clone(), 1, shutdown.clone());
     assert!(publisher.wait_ready(Duration::from_secs(10)).await);
@@ -77,7 +57,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
     for event in &valid {
         park_directly(
             &publisher,
-            &names,
+            &names.parked_queue,
             &event.body(1),
             &event.event_name,
             "retries_exhausted",
@@ -87,7 +67,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
     for _ in 0..3 {
         park_directly(
             &publisher,
-            &names,
+            &names.parked_queue,
             b"{broken",
             "connection.staled",
             "malformed",
@@ -112,7 +92,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         3
     );
     assert_eq!(
-        queue_len(&names.parked_queue).await as usize,
+        p.parked_len().await as usize,
         total,
         "listing changes nothing"
     );
@@ -122,7 +102,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         .iter()
         .find(|p| p.event_name == "invitation.accepted")
         .expect("an accepted invitation is parked");
-    let shown = cli(&prefix, &["parked", "show", &accepted.id]);
+    let shown = p.cli(&["parked", "show", &accepted.id]).output().await;
     let out = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.status.success(), "{out}");
     assert!(
@@ -146,12 +126,12 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         (dry.examined, dry.matched, dry.replayed),
         (total as u64, valid.len() as u64, 0)
     );
-    assert_eq!(queue_len(&names.parked_queue).await as usize, total);
+    assert_eq!(p.parked_len().await as usize, total);
 
     // A replay killed half-way, then a full one: every valid event applied, none twice.
-    let (worker, stop) = spawn_worker(names.clone(), &db, AMQP_URL).await;
-    let mut killed = std::process::Command::new(env!("CARGO_BIN_EXE_catena-ingest"))
-        .args([
+    p.start_worker().await;
+    let killed = p
+        .cli(&[
             "parked",
             "replay",
             "--reason",
@@ -159,22 +139,19 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
             "--rate",
             "20",
         ])
-        .env("CATENA_NAME_PREFIX", &prefix)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+        .spawn();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    signal(&killed, "KILL");
-    killed.wait().unwrap();
+    killed.signal("KILL");
+    killed.wait().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let applied = count(&db, EVENTS).await;
-    let still_parked = queue_len(&names.parked_queue).await as i64;
+    let applied = p.applied().await;
+    let still_parked = p.parked_len().await as usize;
     assert!(
-        applied > 0 && applied < valid.len() as i64,
+        applied > 0 && applied < valid.len(),
         "killed mid-replay ({applied})"
     );
     assert!(
-        applied + still_parked >= total as i64,
+        applied + still_parked >= total,
         "nothing lost: {applied} applied + {still_parked} parked"
     );
 
@@ -183,63 +160,48 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         .unwrap();
     assert_eq!(report.replayed, report.matched);
     assert_eq!(
-        wait_for_count(&db, EVENTS, valid.len() as i64, Duration::from_secs(30)).await,
-        valid.len() as i64
+        p.wait_for_applied(valid.len(), Duration::from_secs(30))
+            .await,
+        valid.len()
     );
-    assert_eq!(
-        queue_len(&names.parked_queue).await,
-        3,
-        "only the malformed ones remain"
-    );
+    assert_eq!(p.parked_len().await, 3, "only the malformed ones remain");
 
     // Purge needs --yes, then removes exactly the filtered ones.
-    let refused = cli(&prefix, &["parked", "purge", "--reason", "malformed"]);
+    let refused = p
+        .cli(&["parked", "purge", "--reason", "malformed"])
+        .output()
+        .await;
     assert!(!refused.status.success());
-    assert_eq!(queue_len(&names.parked_queue).await, 3);
+    assert_eq!(p.parked_len().await, 3);
     let purged = parked::purge(AMQP_URL, &names, &malformed).await.unwrap();
     assert_eq!(purged.purged, 3);
-    assert_eq!(queue_len(&names.parked_queue).await, 0);
+    assert_eq!(p.parked_len().await, 0);
 
-    stop.trigger();
-    worker.handle.await.unwrap();
+    p.stop().await;
     shutdown.trigger();
-    delete_topology(&names).await;
-    drop_db(&db).await;
 }
 
 #[tokio::test]
 async fn fleet_show_prints_the_whole_fleet_without_secrets() {
-    let names = Names::new(&unique("fleetshow"));
-    let db = fresh_db("fleetshow").await;
-    let relay = spawn_relay(names.clone(), AMQP_URL, &format!("{WEBHOOK_ID}={SECRET}")).await;
-    let (worker, stop) = spawn_worker(names.clone(), &db, AMQP_URL).await;
-    let client = reqwest::Client::new();
-    let mut files: Vec<_> = std::fs::read_dir(format!(
-        "{}/tests/fixtures/events",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-    .map(|e| e.unwrap().path())
-    .collect();
-    files.sort();
-    for path in &files {
-        assert_eq!(
-            Post::new(&std::fs::read(path).unwrap())
-                .send(&client, &relay.url)
-                .await,
-            202
-        );
+    let p = TestPipeline::builder("fleetshow")
+        .relay()
+        .worker()
+        .start()
+        .await;
+    let fixtures = fixture_events();
+    for body in &fixtures {
+        assert_eq!(p.send(body).await, 202);
     }
     assert_eq!(
-        wait_for_count(&db, EVENTS, files.len() as i64, Duration::from_secs(30)).await,
-        files.len() as i64
+        p.wait_for_applied(fixtures.len(), Duration::from_secs(30))
+            .await,
+        fixtures.len()
     );
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_catena-ingest"))
-        .args(["fleet", "show", "FLEET-42", "--json"])
-        .env("DATABASE_URL", &db)
+    let output = p
+        .cli(&["fleet", "show", "FLEET-42", "--json"])
         .output()
-        .unwrap();
+        .await;
     assert!(output.status.success());
     let text = String::from_utf8(output.stdout).unwrap();
     let view: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -254,41 +216,29 @@ async fn fleet_show_prints_the_whole_fleet_without_secrets() {
         !text.contains("?invite=") && !text.contains("eyJ"),
         "no magic link or token"
     );
-    stop.trigger();
-    worker.handle.await.unwrap();
-    relay.stop().await;
-    delete_topology(&names).await;
-    drop_db(&db).await;
+    p.stop().await;
 }
 
 /// Every `catena_*` metric the dashboard and the alert rules query is exported by the binary.
 #[tokio::test]
 async fn dashboard_and_rules_query_only_exported_metrics() {
-    let names = Names::new(&unique("dash"));
-    let db = fresh_db("dash").await;
-    let relay = spawn_relay(names.clone(), AMQP_URL, &format!("{WEBHOOK_ID}={SECRET}")).await;
-    let mut config = catena_ingest::worker::WorkerConfig::new(AMQP_URL, names.clone(), &db);
-    config.notifier.gauge_interval = Duration::from_millis(200);
-    let (worker, stop) = spawn_worker_with(config).await;
-    let client = reqwest::Client::new();
+    let p = TestPipeline::builder("dash")
+        .relay()
+        .worker_config(|config| config.notifier.gauge_interval = Duration::from_millis(200))
+        .start()
+        .await;
     assert_eq!(
-        Post::new(&fixture("events/09-connection.staled.json"))
-            .send(&client, &relay.url)
-            .await,
+        p.send(&fixture("events/09-connection.staled.json")).await,
         202
     );
-    assert_eq!(
-        wait_for_count(&db, EVENTS, 1, Duration::from_secs(20)).await,
-        1
-    );
+    assert_eq!(p.wait_for_applied(1, Duration::from_secs(20)).await, 1);
     tokio::time::sleep(Duration::from_millis(600)).await;
 
     let mut exported = BTreeSet::new();
-    for url in [
-        relay.url.replace("/webhooks/catena", "/metrics"),
-        format!("http://{}/metrics", worker.metrics_addr),
+    for text in [
+        p.relay_metrics().await,
+        http::get_text(&p.worker_endpoint("/metrics")).await,
     ] {
-        let text = client.get(url).send().await.unwrap().text().await.unwrap();
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let mut parts = line.split_whitespace().skip(2);
             let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
@@ -342,9 +292,5 @@ async fn dashboard_and_rules_query_only_exported_metrics() {
         missing.is_empty(),
         "queried but not exported: {missing:?}\nexported: {exported:?}"
     );
-    stop.trigger();
-    worker.handle.await.unwrap();
-    relay.stop().await;
-    delete_topology(&names).await;
-    drop_db(&db).await;
+    p.stop().await;
 }

@@ -3,16 +3,12 @@
 use catena_ingest::secrets::SecretStore;
 use catena_ingest::signature::{self, SignedHeaders, Window};
 
+use crate::helpers::fixture;
+
 #[test]
 fn known_answer_vectors_sign_and_verify() {
-    let file: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/signature-vectors.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let file: serde_json::Value =
+        serde_json::from_slice(&fixture("signature-vectors.json")).unwrap();
     let vectors = file["vectors"].as_array().unwrap();
     assert!(vectors.len() >= 4);
     for v in vectors {

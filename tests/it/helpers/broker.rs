@@ -1,0 +1,145 @@
+//! The broker side: take messages off a queue, count a queue, and a test prefix's topology
+//! ([`TestTopology`]) deleted on drop.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use catena_ingest::broker;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::AMQP_URL;
+
+/// The exchange and queue names a prefix (`CATENA_NAME_PREFIX`) derives.
+pub use catena_ingest::topology::Names;
+
+/// A message taken off a queue.
+pub struct Taken {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub headers: BTreeMap<String, String>,
+}
+
+fn header_string(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => s.to_string(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Take every message currently in `queue`, waiting up to `settle` for stragglers.
+pub async fn drain(queue: &str, settle: Duration) -> Vec<Taken> {
+    let connection = broker::connect(AMQP_URL, "test drain").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + settle;
+    loop {
+        match channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            Some(message) => {
+                let delivery = message.delivery;
+                let headers = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .map(|t| {
+                        t.inner()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), header_string(v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Taken {
+                    body: delivery.data.clone(),
+                    routing_key: delivery.routing_key.to_string(),
+                    headers,
+                });
+                delivery.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            None if tokio::time::Instant::now() >= deadline => break,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    out
+}
+
+/// Count of messages ready in a queue (declared passively).
+pub async fn queue_len(queue: &str) -> u32 {
+    let connection = broker::connect(AMQP_URL, "test count").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    q.message_count()
+}
+
+/// Every queue and the exchange of a test prefix, deleted on drop (also when the test panicked).
+/// Whatever declared them (a relay, a worker, a child process) must be stopped first, or it may
+/// declare them again: `TestPipeline` orders that.
+pub struct TestTopology {
+    pub names: Names,
+}
+
+impl Drop for TestTopology {
+    fn drop(&mut self) {
+        let names = self.names.clone();
+        super::clean_up_on_own_thread(format!("topology {}", names.prefix), async move {
+            delete_topology(&names).await
+        });
+    }
+}
+
+async fn delete_topology(names: &Names) -> Result<(), String> {
+    let connection = broker::connect(AMQP_URL, "test cleanup")
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut queues = vec![names.events_queue.clone(), names.parked_queue.clone()];
+    queues.extend(names.retry_tiers().map(|(q, _)| q));
+    let mut failed = Vec::new();
+    for q in queues {
+        if let Err(e) = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            failed.push(format!("queue {q}: {e}"));
+        }
+    }
+    if let Err(e) = channel
+        .exchange_delete(
+            names.events_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+    {
+        failed.push(format!("exchange {}: {e}", names.events_exchange));
+    }
+    let _ = connection.close(200, "done".into()).await;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
+}

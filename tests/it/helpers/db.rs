@@ -1,0 +1,217 @@
+//! A database of the test's own ([`TestDb`], dropped with `DROP DATABASE .. WITH (FORCE)` on
+//! drop), the contract-state snapshot, and the state layer applied directly.
+
+use std::time::Duration;
+
+use catena_ingest::envelope::decode;
+use catena_ingest::state::{Applied, Incoming, apply_batch};
+
+use super::load::Event;
+use super::poll::eventually;
+
+pub use catena_ingest::db::{migrate, pool};
+
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Events applied (or ignored) once each: the count every pipeline test waits for.
+pub const APPLIED_EVENTS: &str = "SELECT count(*) FROM webhook_events";
+
+/// A connection to `url` (the driver runs on the caller's runtime).
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// A connection to the `postgres` maintenance database.
+pub async fn admin() -> tokio_postgres::Client {
+    connect(PG_ADMIN_URL).await
+}
+
+/// A database only this test uses. Dropping it drops the database, also when the test panicked.
+pub struct TestDb {
+    pub name: String,
+    /// Plain text, over 127.0.0.1.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Reserve a unique name; nothing is created until someone migrates it.
+    pub fn reserve(name: String) -> Self {
+        let url = format!("postgres://postgres@{}/{name}", super::POSTGRES_ADDR);
+        Self { name, url }
+    }
+
+    /// A fresh, migrated database named after `tag`.
+    pub async fn fresh(tag: &str) -> Self {
+        Self::reserve(super::unique(tag)).migrated().await
+    }
+
+    /// Create and migrate the database (dropped again if that panics).
+    pub async fn migrated(self) -> Self {
+        migrate(&self.url).await.expect("migrate");
+        self
+    }
+
+    /// This database through another address (a proxy) and with URL parameters (TLS).
+    pub fn url_at(&self, host_port: &str, query: &str) -> String {
+        let url = format!("postgres://postgres@{host_port}/{}", self.name);
+        if query.is_empty() {
+            url
+        } else {
+            format!("{url}?{query}")
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// The single `bigint` a `SELECT count(*) ..` returns.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Poll until `sql` (a count) reaches `want`, or `timeout`; returns the last value.
+    pub async fn wait_for_count(&self, sql: &str, want: i64, timeout: Duration) -> i64 {
+        let client = &self.client().await;
+        eventually(
+            timeout,
+            || async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) },
+            |n| *n >= want,
+        )
+        .await
+    }
+
+    /// Rows of `webhook_events`.
+    pub async fn applied(&self) -> usize {
+        self.count(APPLIED_EVENTS).await as usize
+    }
+
+    /// Poll until `want` rows are in `webhook_events`, or `timeout`; returns the last count.
+    pub async fn wait_for_applied(&self, want: usize, timeout: Duration) -> usize {
+        self.wait_for_count(APPLIED_EVENTS, want as i64, timeout)
+            .await as usize
+    }
+
+    /// The one row `sql` returns, every column as text (`NULL` for null).
+    pub async fn row(&self, sql: &str) -> Vec<String> {
+        let row = self.client().await.query_one(sql, &[]).await.unwrap();
+        (0..row.len())
+            .map(|i| {
+                row.get::<_, Option<String>>(i)
+                    .unwrap_or_else(|| "NULL".into())
+            })
+            .collect()
+    }
+
+    /// The state that must converge, as sorted text: every contract relation (alerts: the open
+    /// set).
+    pub async fn snapshot(&self) -> String {
+        let client = self.client().await;
+        let queries = [
+            "SELECT invitation_id::text, coalesce(fleet_ref,''), coalesce(fleet_id::text,''), status, coalesce(decline_reason,''), coalesce(expires_at::text,'') FROM invitations",
+            "SELECT fleet_id::text, coalesce(fleet_ref,''), coalesce(invitation_id::text,''), coalesce(share_agreement_id::text,''), coalesce(share_status,''), onboarding_status FROM fleets",
+            "SELECT connection_id::text, coalesce(fleet_id::text,''), coalesce(tsp_id::text,''), coalesce(source_name,''), status, coalesce(staled_at::text,''), coalesce(updated_at::text,'') FROM connections",
+            "SELECT fleet_connection_id::text, fleet_id::text, connection_id::text, created_at::text FROM fleet_connections",
+            "SELECT schedule_id::text, coalesce(connection_id::text,''), coalesce(resource,''), status, coalesce(consecutive_error_threshold::text,''), failed_executions::text, coalesce(last_failed_at::text,''), coalesce(deactivated_at::text,'') FROM schedules",
+            "SELECT share_agreement_id::text, fleet_id::text, status FROM share_agreements",
+            "SELECT kind, subject_id::text, coalesce(fleet_id::text,''), coalesce(fleet_ref,''), opened_at::text FROM alerts WHERE state = 'open'",
+            "SELECT event_key, event_name, outcome FROM webhook_events",
+        ];
+        let mut out = String::new();
+        for sql in queries {
+            let mut rows: Vec<String> = client
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    (0..row.len())
+                        .map(|i| row.get::<_, String>(i))
+                        .collect::<Vec<_>>()
+                        .join("|")
+                })
+                .collect();
+            rows.sort();
+            out.push_str(&format!("## {sql}\n{}\n", rows.join("\n")));
+        }
+        out
+    }
+
+    /// Apply each batch of bodies in a transaction of its own, straight through the state layer
+    /// (no broker, no worker); returns what became of every event.
+    pub async fn apply_batches<'a>(
+        &self,
+        batches: impl IntoIterator<Item = &'a [Vec<u8>]>,
+    ) -> Vec<Applied> {
+        let pool = pool(&self.url, 1).unwrap();
+        let mut client = pool.get().await.unwrap();
+        let mut applied = Vec::new();
+        for bodies in batches {
+            let events: Vec<_> = bodies
+                .iter()
+                .map(|b| decode(b, chrono::Utc::now()).unwrap())
+                .collect();
+            let incoming: Vec<_> = events
+                .iter()
+                .map(|event| Incoming {
+                    event,
+                    received_at: None,
+                })
+                .collect();
+            let tx = client.transaction().await.unwrap();
+            let result = apply_batch(&tx, &incoming, &Default::default())
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            applied.extend(result.applied);
+        }
+        applied
+    }
+
+    /// Apply `bodies` in one transaction.
+    pub async fn apply(&self, bodies: &[Vec<u8>]) -> Vec<Applied> {
+        self.apply_batches([bodies]).await
+    }
+
+    /// Apply events once, in order, one transaction each: the reference state.
+    pub async fn apply_in_order(&self, events: &[Event]) {
+        let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.body(1)).collect();
+        self.apply_batches(bodies.chunks(1)).await;
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        super::clean_up_on_own_thread(format!("database {name}"), async move {
+            let (client, conn) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await
+                .map_err(|e| e.to_string())
+        });
+    }
+}
+
+/// Compare two snapshots and show only the differing lines.
+pub fn assert_same_state(expected: &str, actual: &str) {
+    if expected == actual {
+        return;
+    }
+    let e: std::collections::BTreeSet<&str> = expected.lines().collect();
+    let a: std::collections::BTreeSet<&str> = actual.lines().collect();
+    let missing: Vec<_> = e.difference(&a).take(20).collect();
+    let extra: Vec<_> = a.difference(&e).take(20).collect();
+    panic!("state differs\nonly in expected:\n{missing:#?}\nonly in actual:\n{extra:#?}");
+}

@@ -1,0 +1,102 @@
+//! The real binary as a child process: for SIGKILL/SIGTERM, log-content and CLI tests.
+//! `TestPipeline::{worker_process, relay_process, cli}` prepare one for the pipeline's prefix
+//! and database.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
+
+use super::pipeline::Leftovers;
+
+/// A command line for the binary, not yet started.
+pub struct Process {
+    command: Command,
+    leftovers: Arc<Leftovers>,
+}
+
+impl Process {
+    pub(super) fn new(args: &[&str], leftovers: Arc<Leftovers>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_catena-ingest"));
+        command.args(args);
+        Self { command, leftovers }
+    }
+
+    pub fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
+    pub fn envs(mut self, vars: &[(&str, &str)]) -> Self {
+        self.command.envs(vars.iter().copied());
+        self
+    }
+
+    /// Standard error (the logs) into `path`.
+    pub fn log_to(mut self, path: &Path) -> Self {
+        self.command
+            .stderr(std::fs::File::create(path).expect("create the log file"));
+        self
+    }
+
+    pub(super) fn discard_stdout(mut self) -> Self {
+        self.command.stdout(Stdio::null());
+        self
+    }
+
+    pub fn spawn(mut self) -> ChildProcess {
+        let child = self
+            .command
+            .spawn()
+            .expect("spawn the catena-ingest binary");
+        ChildProcess {
+            child: Some(child),
+            _leftovers: self.leftovers,
+        }
+    }
+
+    /// Run to the end, capturing standard output and error.
+    pub async fn output(mut self) -> Output {
+        tokio::task::spawn_blocking(move || self.command.output())
+            .await
+            .unwrap()
+            .expect("run the catena-ingest binary")
+    }
+}
+
+/// A running child, SIGKILLed and reaped on drop. It holds the pipeline's leftovers, so the
+/// database and queues it uses are removed only after it is gone (it could declare them again).
+pub struct ChildProcess {
+    child: Option<Child>,
+    _leftovers: Arc<Leftovers>,
+}
+
+impl ChildProcess {
+    /// `kill -<signal>` (TERM, KILL).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Wait for the exit (off the test's runtime thread).
+    pub async fn wait(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

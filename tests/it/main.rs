@@ -1,0 +1,28 @@
+//! Every integration test, in one binary (one link step). They run against the real PostgreSQL
+//! and RabbitMQ on this machine (`scripts/setup.sh` starts them), nothing mocked; each test gets
+//! its own broker prefix and database from `helpers::TestPipeline`, so they run in parallel, and
+//! leave nothing behind even when they fail.
+//!
+//! ```sh
+//! cargo test --test it                                          # every test but the restart group
+//! cargo test --test it relay::                                  # one module (relay, worker, faults,
+//!                                                               #  alerts, operate, state, fuzz, tls,
+//!                                                               #  signature_vectors)
+//! cargo test --test it -- --ignored --test-threads 1 restarts::  # the restart group, alone
+//! ```
+//!
+//! The restart group restarts the shared RabbitMQ and PostgreSQL, so its tests are `#[ignore]`d
+//! in the parallel run and `.ci/run` runs them on their own, one at a time.
+
+mod helpers;
+
+mod alerts;
+mod faults;
+mod fuzz;
+mod operate;
+mod relay;
+mod restarts;
+mod signature_vectors;
+mod state;
+mod tls;
+mod worker;
