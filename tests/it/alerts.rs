@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use catena_ingest::alerts::NotifierConfig;
+use catena_ingest::config::NotifierSettings;
 
 use crate::helpers::alerting::{Alertmanager, RecordingSink};
 use crate::helpers::http::{metric_value, wait_http_ok};
@@ -13,8 +13,8 @@ use crate::helpers::*;
 
 const PENDING: &str = "SELECT count(*) FROM alert_outbox WHERE delivered_at IS NULL";
 
-fn fast_notifier(alertmanager: Option<&str>, webhook: Option<&str>) -> NotifierConfig {
-    NotifierConfig {
+fn fast_notifier(alertmanager: Option<&str>, webhook: Option<&str>) -> NotifierSettings {
+    NotifierSettings {
         alertmanager_url: alertmanager.map(str::to_owned),
         webhook_url: webhook.map(str::to_owned),
         poll_interval: Duration::from_millis(100),
@@ -47,7 +47,7 @@ async fn stale_connection_fires_once_in_alertmanager_and_recovery_resolves_it() 
     let am = Alertmanager::start(free_port()).await;
     let p = TestPipeline::builder("am")
         .relay()
-        .worker_config(|config| config.notifier = fast_notifier(Some(&am.url), None))
+        .worker_config(|config| config.worker.notifier = fast_notifier(Some(&am.url), None))
         .start()
         .await;
 
@@ -118,7 +118,7 @@ async fn sinks_down_queue_in_the_outbox_and_deliver_once_when_back() {
     let p = TestPipeline::builder("amdown")
         .relay()
         .worker_config(|config| {
-            config.notifier = fast_notifier(
+            config.worker.notifier = fast_notifier(
                 Some(&format!("http://127.0.0.1:{am_port}")),
                 Some(&sink.url),
             )
@@ -225,7 +225,7 @@ async fn two_worker_processes_deliver_each_outbox_row_once() {
 async fn gauges_match_the_tables_after_a_scenario() {
     let p = TestPipeline::builder("gauges")
         .relay()
-        .worker_config(|config| config.notifier = fast_notifier(None, None))
+        .worker_config(|config| config.worker.notifier = fast_notifier(None, None))
         .start()
         .await;
     let events = scenario(100, 79);

@@ -43,7 +43,7 @@ async fn database_cut_holds_the_work_and_resumes() {
         .reference(&events)
         .relay()
         .worker_via_db_proxy()
-        .worker_config(|config| config.batch_size = 50)
+        .worker_config(|config| config.worker.batch_size = 50)
         .start()
         .await;
     let ready = p.worker_endpoint("/readyz");
@@ -77,7 +77,7 @@ async fn broker_cut_under_the_worker_recovers_without_loss() {
         .reference(&events)
         .relay()
         .worker_via_broker_proxy()
-        .worker_config(|config| config.batch_size = 50)
+        .worker_config(|config| config.worker.batch_size = 50)
         .start()
         .await;
     let ready = p.worker_endpoint("/readyz");

@@ -4,9 +4,9 @@
 //! raise PROPTEST_CASES for a longer run.
 
 use catena_ingest::envelope::decode;
-use catena_ingest::gunzip::{GunzipError, gunzip_capped};
-use catena_ingest::secrets::SecretStore;
-use catena_ingest::signature::{self, SignedHeaders, Window};
+use catena_ingest::relay::gunzip::{GunzipError, gunzip_capped};
+use catena_ingest::relay::secrets::SecretStore;
+use catena_ingest::relay::signature::{self, SignedHeaders, Window};
 use chrono::Utc;
 use proptest::prelude::*;
 
@@ -99,7 +99,7 @@ proptest! {
 
     #[test]
     fn gunzip_limiter_never_exceeds_its_cap(data in prop::collection::vec(any::<u8>(), 0..4096), cap in 0usize..8192, edits in prop::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..6)) {
-        let compressed = mutate(&catena_ingest::gunzip::gzip(&data), &edits);
+        let compressed = mutate(&catena_ingest::relay::gunzip::gzip(&data), &edits);
         match gunzip_capped(&compressed, cap) {
             Ok(out) => prop_assert!(out.len() <= cap),
             Err(GunzipError::TooLarge(c)) => prop_assert_eq!(c, cap),

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use catena_ingest::broker::Publisher;
-use catena_ingest::parked::{self, Filter};
+use catena_ingest::ops::parked::{self, Filter};
 use catena_ingest::shutdown::Shutdown;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -224,7 +224,7 @@ async fn fleet_show_prints_the_whole_fleet_without_secrets() {
 async fn dashboard_and_rules_query_only_exported_metrics() {
     let p = TestPipeline::builder("dash")
         .relay()
-        .worker_config(|config| config.notifier.gauge_interval = Duration::from_millis(200))
+        .worker_config(|config| config.worker.notifier.gauge_interval = Duration::from_millis(200))
         .start()
         .await;
     assert_eq!(

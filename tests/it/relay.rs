@@ -121,7 +121,7 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
             .body(b"\x1f\x8b\x08\x00garbage-that-is-not-deflate".to_vec()),
     ));
     // 64 MiB of zeros gzips to ~64 KiB: under the 1 MiB body cap, far over the 10 MiB expansion cap.
-    let bomb = catena_ingest::gunzip::gzip(&vec![b'0'; 64 * 1024 * 1024]);
+    let bomb = catena_ingest::relay::gunzip::gzip(&vec![b'0'; 64 * 1024 * 1024]);
     assert!(bomb.len() < 1024 * 1024);
     cases.push((
         "gzip bomb",
@@ -225,7 +225,7 @@ async fn broker_cut_means_503_then_recovery_without_restart() {
 async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let p = relay_only("relay_abuse")
-        .relay_config(|config| config.header_timeout = Duration::from_millis(500))
+        .relay_config(|config| config.relay.header_timeout = Duration::from_millis(500))
         .start()
         .await;
     let addr = p.relay_addr();
@@ -290,7 +290,7 @@ async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
 async fn beyond_the_concurrency_cap_the_answer_is_an_immediate_503() {
     use tokio::io::AsyncWriteExt;
     let p = relay_only("relay_cap")
-        .relay_config(|config| config.max_concurrency = 1)
+        .relay_config(|config| config.relay.max_concurrency = 1)
         .start()
         .await;
     let body = fixture("events/05-connection.created.json");

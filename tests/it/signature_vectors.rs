@@ -1,7 +1,7 @@
 //! Known answers for X-Catena-Signature from ../shared/fixtures (copied into tests/fixtures).
 
-use catena_ingest::secrets::SecretStore;
-use catena_ingest::signature::{self, SignedHeaders, Window};
+use catena_ingest::relay::secrets::SecretStore;
+use catena_ingest::relay::signature::{self, SignedHeaders, Window};
 
 use crate::helpers::fixture;
 

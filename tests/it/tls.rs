@@ -161,11 +161,11 @@ async fn the_whole_pipeline_runs_over_verified_tls() {
         &format!("sslmode=verify-full&sslrootcert={root}"),
     );
     let p = builder
-        .relay_config(|config| config.amqp_url = amqps.clone())
+        .relay_config(|config| config.broker.amqp_url = amqps.clone())
         .worker_config(|config| {
-            config.consumers = 2;
-            config.amqp_url = amqps.clone();
-            config.database_url = verified_db;
+            config.worker.consumers = 2;
+            config.broker.amqp_url = amqps.clone();
+            config.database.database_url = verified_db;
         })
         .start()
         .await;

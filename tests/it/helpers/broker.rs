@@ -4,33 +4,23 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use catena_ingest::broker;
+use catena_ingest::{broker, message};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 
 use super::AMQP_URL;
 
 /// The exchange and queue names a prefix (`CATENA_NAME_PREFIX`) derives.
-pub use catena_ingest::topology::Names;
+pub use catena_ingest::broker::Names;
 
 /// A message taken off a queue.
 pub struct Taken {
     pub body: Vec<u8>,
     pub routing_key: String,
     pub headers: BTreeMap<String, String>,
-}
-
-fn header_string(value: &AMQPValue) -> String {
-    match value {
-        AMQPValue::LongString(s) => s.to_string(),
-        AMQPValue::ShortString(s) => s.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        other => format!("{other:?}"),
-    }
 }
 
 /// Take every message currently in `queue`, waiting up to `settle` for stragglers.
@@ -47,14 +37,17 @@ pub async fn drain(queue: &str, settle: Duration) -> Vec<Taken> {
         {
             Some(message) => {
                 let delivery = message.delivery;
-                let headers = delivery
-                    .properties
+                let properties = &delivery.properties;
+                let headers = properties
                     .headers()
                     .as_ref()
                     .map(|t| {
                         t.inner()
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), header_string(v)))
+                            .keys()
+                            .map(|k| {
+                                let text = message::header_text(properties, k.as_str());
+                                (k.to_string(), text.unwrap_or_default().into_owned())
+                            })
                             .collect()
                     })
                     .unwrap_or_default();

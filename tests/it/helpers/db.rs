@@ -9,7 +9,7 @@ use catena_ingest::state::{Applied, Incoming, apply_batch};
 use super::load::Event;
 use super::poll::eventually;
 
-pub use catena_ingest::db::{migrate, pool};
+pub use catena_ingest::store::{migrate, pool};
 
 pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Events applied (or ignored) once each: the count every pipeline test waits for.

@@ -41,7 +41,7 @@ impl<'a> Post<'a> {
         if self.gzip {
             builder
                 .header("Content-Encoding", "gzip")
-                .body(catena_ingest::gunzip::gzip(&self.body))
+                .body(catena_ingest::relay::gunzip::gzip(&self.body))
         } else {
             builder.body(self.body.clone())
         }
@@ -59,7 +59,7 @@ impl<'a> Post<'a> {
 
 /// `X-Catena-Signature` of `body` at `timestamp`.
 pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
-    catena_ingest::signature::sign(secret.as_bytes(), timestamp, body)
+    catena_ingest::relay::signature::sign(secret.as_bytes(), timestamp, body)
 }
 
 /// The status of a GET, 0 when there is no answer at all.

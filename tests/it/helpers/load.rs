@@ -1,20 +1,20 @@
-//! Generated scenarios (`catena_ingest::scenario`) sent through a relay (`catena_ingest::send`).
+//! Generated scenarios (`catena_ingest::loadgen::scenario`) sent through a relay (`catena_ingest::loadgen::send`).
 
-use catena_ingest::send::{self, Outgoing, SendOptions};
+use catena_ingest::loadgen::send::{self, Outgoing, SendOptions};
 use tokio::task::JoinHandle;
 
 use super::{SECRET, WEBHOOK_ID};
 
-pub use catena_ingest::scenario::{Delivery, Event, duplicated_and_shuffled, in_order};
-pub use catena_ingest::send::SendReport;
+pub use catena_ingest::loadgen::scenario::{Delivery, Event, duplicated_and_shuffled, in_order};
+pub use catena_ingest::loadgen::send::SendReport;
 
 /// The events of `fleets` generated lifecycles, signed for [`WEBHOOK_ID`], `fleet_ref`s unique
 /// to the seed.
 pub fn scenario(fleets: usize, seed: u64) -> Vec<Event> {
-    let mut options = catena_ingest::scenario::ScenarioOptions::new(fleets, seed);
+    let mut options = catena_ingest::loadgen::scenario::ScenarioOptions::new(fleets, seed);
     options.webhook_id = WEBHOOK_ID.into();
     options.ref_prefix = format!("F{seed}");
-    catena_ingest::scenario::generate(&options)
+    catena_ingest::loadgen::scenario::generate(&options)
 }
 
 fn prepare(
@@ -24,7 +24,7 @@ fn prepare(
     concurrency: usize,
 ) -> (SendOptions, Vec<Outgoing>) {
     let mut options = SendOptions::new(url, SECRET);
-    options.concurrency = concurrency;
+    options.delivery.concurrency = concurrency;
     let outgoing = deliveries
         .iter()
         .map(|d| Outgoing::from_delivery(events, d))
@@ -59,6 +59,6 @@ pub fn spawn_deliveries(
 /// Catena's retry policy (3 retries within ~2 s).
 pub fn steady_load(url: &str, events: &[Event], rate: f64) -> JoinHandle<SendReport> {
     let (mut options, outgoing) = prepare(url, events, &in_order(events), 32);
-    options.rate = rate;
+    options.delivery.rate = rate;
     tokio::spawn(async move { send::send_all(&options, outgoing).await })
 }

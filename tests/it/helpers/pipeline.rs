@@ -17,8 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use catena_ingest::config::{BrokerSettings, DatabaseSettings, RelaySettings, WorkerSettings};
+use catena_ingest::relay::secrets::SecretStore;
 use catena_ingest::relay::{self, RelayConfig, RunningRelay};
-use catena_ingest::secrets::SecretStore;
 use catena_ingest::shutdown::Shutdown;
 use catena_ingest::worker::{self, RunningWorker, WorkerConfig};
 use tokio::task::JoinHandle;
@@ -31,19 +32,37 @@ use super::processes::Process;
 use super::proxy::TcpProxy;
 use super::{AMQP_URL, BROKER_ADDR, POSTGRES_ADDR, init_tracing, secrets, unique};
 
-/// The relay's configuration for tests: an ephemeral port, the given broker and secrets.
+/// The binary's broker defaults, with this test's broker and name prefix.
+fn broker_settings(names: &Names, amqp_url: &str) -> BrokerSettings {
+    BrokerSettings {
+        amqp_url: amqp_url.to_owned(),
+        ..BrokerSettings::with_prefix(&names.prefix)
+    }
+}
+
+/// The relay's configuration for tests: the binary's defaults, an ephemeral port, the given
+/// broker and secrets.
 pub fn relay_config(names: Names, amqp_url: &str, secrets: &str) -> RelayConfig {
-    RelayConfig::new(
-        "127.0.0.1:0",
-        amqp_url,
-        names,
-        SecretStore::parse(secrets).unwrap(),
-    )
+    RelayConfig {
+        relay: RelaySettings {
+            listen: "127.0.0.1:0".into(),
+            ..RelaySettings::default()
+        },
+        broker: broker_settings(&names, amqp_url),
+        secrets: SecretStore::parse(secrets).unwrap(),
+    }
 }
 
 /// The worker's configuration for tests: the binary's defaults, metrics on an ephemeral port.
 pub fn worker_config(amqp_url: &str, names: Names, database_url: &str) -> WorkerConfig {
-    WorkerConfig::new(amqp_url, names, database_url)
+    WorkerConfig {
+        worker: WorkerSettings {
+            metrics_listen: "127.0.0.1:0".into(),
+            ..WorkerSettings::default()
+        },
+        broker: broker_settings(&names, amqp_url),
+        database: DatabaseSettings::with_url(database_url),
+    }
 }
 
 /// What a pipeline leaves on the shared servers. Shared by the pipeline and every child process
@@ -220,7 +239,7 @@ impl<'a> Builder<'a> {
 /// The default in-process worker: two consumers, so the test also races batches against each
 /// other.
 fn two_consumers(config: &mut WorkerConfig) {
-    config.consumers = 2;
+    config.worker.consumers = 2;
 }
 
 /// One test's pipeline. Fields drop in order: relay and worker stop before the proxies go and
