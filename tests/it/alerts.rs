@@ -212,12 +212,7 @@ async fn two_worker_processes_deliver_each_outbox_row_once() {
     assert!(outbox > 5);
     assert_eq!(per_row.len() as i64, outbox);
     assert_eq!(bodies.len() as i64, outbox, "no row delivered twice");
-    for worker in &workers {
-        worker.signal("TERM");
-    }
-    for worker in workers {
-        assert!(worker.wait().await.success());
-    }
+    terminate_all(workers).await;
     p.stop().await;
 }
 

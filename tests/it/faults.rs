@@ -31,8 +31,7 @@ async fn worker_sigkilled_mid_batch_loses_and_doubles_nothing() {
     p.assert_converged(events.len(), Duration::from_secs(120))
         .await;
     assert_eq!(p.parked_len().await, 0, "no valid message parked");
-    second.signal("TERM");
-    assert!(second.wait().await.success());
+    assert!(second.terminate().await.success());
     p.stop().await;
 }
 

@@ -154,7 +154,6 @@ async fn relay_sigkilled_with_requests_in_flight() {
     let report = load.await.unwrap();
     assert!(report.retries > 0, "requests were cut: {report:?}");
     assert_accepted_applied_once(p.db(), &events, &report).await;
-    relay.signal("TERM");
-    assert!(relay.wait().await.success());
+    assert!(relay.terminate().await.success());
     p.stop().await;
 }

@@ -103,12 +103,7 @@ async fn three_competing_worker_processes_apply_each_event_once() {
     assert_eq!(p.parked_len().await, 0);
     assert_eq!(p.events_queue_len().await, 0);
 
-    for worker in &workers {
-        worker.signal("TERM");
-    }
-    for worker in workers {
-        assert!(worker.wait().await.success());
-    }
+    terminate_all(workers).await;
     p.stop().await;
 }
 
@@ -145,8 +140,7 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     let worker = p.worker_process().spawn();
     p.assert_converged(events.len(), Duration::from_secs(120))
         .await;
-    worker.signal("TERM");
-    assert!(worker.wait().await.success());
+    assert!(worker.terminate().await.success());
     p.stop().await;
 }
 

@@ -30,6 +30,7 @@ pub use http::Post;
 pub use load::{duplicated_and_shuffled, in_order, scenario};
 pub use pipeline::TestPipeline;
 pub use poll::{eventually, wait_until};
+pub use processes::terminate_all;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Where [`proxy::TcpProxy`]s in front of the broker and the database forward to.

@@ -83,6 +83,12 @@ impl ChildProcess {
         assert!(status.success(), "kill -{signal} {pid}");
     }
 
+    /// SIGTERM, then wait for the exit.
+    pub async fn terminate(self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait().await
+    }
+
     /// Wait for the exit (off the test's runtime thread).
     pub async fn wait(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -98,5 +104,17 @@ impl Drop for ChildProcess {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// SIGTERM every child at once (so they drain side by side), then assert each exits 0.
+pub async fn terminate_all(children: impl IntoIterator<Item = ChildProcess>) {
+    let children: Vec<_> = children.into_iter().collect();
+    for child in &children {
+        child.signal("TERM");
+    }
+    for child in children {
+        let status = child.wait().await;
+        assert!(status.success(), "exits 0 on SIGTERM: {status:?}");
     }
 }
