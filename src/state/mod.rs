@@ -15,6 +15,7 @@
 //! [`plan`] is the pure half (what each event changes, as rows and statements, unit-tested),
 //! [`sql`] the statements, [`locks`] the entity locks; this module runs a batch.
 
+pub mod episodes;
 mod locks;
 mod plan;
 mod sql;
