@@ -23,6 +23,11 @@
 # Before the first end-to-end phase, 100k events warm the tables up and get analysed
 # (WARMUP=0 skips that). Phases run in the order relay, sat, half, ceiling, drain. Prints one
 # table; raw output goes to target/bench/<run>/.
+#
+# The script only starts, waits and prints: `catena-ingest bench` does the measuring. After each
+# phase `bench measure` writes <phase>.phase.json (events, events/s, wrk's HTTP p50/p99,
+# receive->commit p50/p99, CPU per event by pid and by process name between two `bench
+# snapshot`s of /proc, peak RSS), and `bench table` renders the summary from those files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,46 +59,43 @@ cleanup() {
   for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -f "$OUT"/*.corpus
-  rabbitmqctl -q list_queues name 2>/dev/null | grep "^$RUN\." | while read -r q; do rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
+  rabbitmqctl -q list_queues name 2>/dev/null | while read -r q; do
+    if [[ $q == "$RUN".* ]]; then rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; fi
+  done
   # rabbitmqctl has no delete_exchange command; eval does it.
   rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$RUN.events\">>), false, <<\"bench\">>)." >/dev/null 2>&1 || true
   psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS catena_$RUN WITH (FORCE)" postgres >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
-hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 wait_http() { for _ in $(seq 1 100); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done; return 1; }
-queue_len() { rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$RUN.events" '$1 == q {print $2}'; }
-field() { grep -o "\"$2\": [0-9.]*" "$1" | head -n1 | awk '{print $2}'; }
-num() { printf '%.0f' "${1:-0}"; }
-
 start_relay() { $BIN relay >"$OUT/relay.log" 2>&1 & RELAY=$!; pids+=("$RELAY"); wait_http "http://127.0.0.1:$RELAY_PORT/readyz"; }
 start_worker() { $BIN worker --no-migrate >"$OUT/worker.log" 2>&1 & WORKER=$!; pids+=("$WORKER"); wait_http "http://127.0.0.1:$METRICS_PORT/readyz"; }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # corpus NAME COUNT: signed requests for one phase (signatures are valid for 5 minutes).
 corpus() { $BIN send --url "http://127.0.0.1:$RELAY_PORT" --count "$2" --wrk-corpus "$OUT/$1.corpus" 2>/dev/null; }
-# load NAME [RATE]: replay the corpus with wrk; JSON summary to $OUT/NAME.wrk.json.
+# load NAME [RATE]: replay the corpus with wrk into $OUT/NAME.wrk.txt; SINCE is when it started.
 load() {
   SINCE=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)
   CORPUS="$OUT/$1.corpus" RATE="${2:-0}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" \
     -s scripts/wrk-corpus.lua "http://127.0.0.1:$RELAY_PORT" >"$OUT/$1.wrk.txt" 2>&1
-  tail -n1 "$OUT/$1.wrk.txt" >"$OUT/$1.wrk.json"
   rm -f "$OUT/$1.corpus"
 }
-report() { $BIN send --report-db "$DB" --report-since "$SINCE" --count "$(field "$OUT/$1.wrk.json" requests)" --json >"$OUT/$1.e2e.json"; }
-row() { # phase label
-  printf '| %s | %s | %.1f | %.1f | %.1f | %.1f |\n' "$2" \
-    "$(num "$(field "$OUT/$1.e2e.json" events_per_second)")" \
-    "$(field "$OUT/$1.wrk.json" p50_ms)" "$(field "$OUT/$1.wrk.json" p99_ms)" \
-    "$(field "$OUT/$1.e2e.json" lag_ms_p50)" "$(field "$OUT/$1.e2e.json" lag_ms_p99)" >>"$OUT/table.md"
+# snapshot NAME: the CPU time of every process now, in $OUT/NAME.cpu.json.
+snapshot() { $BIN bench snapshot >"$OUT/$1.cpu.json"; }
+# measure NAME ARGS...: the phase's report in $OUT/NAME.phase.json (`catena-ingest bench measure --help`).
+measure() { local name=$1; shift; $BIN bench measure "$@" >"$OUT/$name.phase.json"; }
+# end_to_end NAME ARGS...: measure a wrk run of relay and worker, the events committed end to end.
+end_to_end() {
+  local name=$1; shift
+  measure "$name" --wrk "$OUT/$name.wrk.txt" --received-since "$SINCE" --pid relay="$RELAY" --pid worker="$WORKER" "$@"
 }
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 # Drain the queue, then do the vacuum, statistics and checkpoint work a run leaves behind, so
 # the next phase measures steady state rather than the previous one's cleanup.
 settle() {
-  while [ "$(queue_len)" != "0" ]; do sleep 1; done
+  $BIN bench wait-empty
   psql -q -h 127.0.0.1 -U postgres -c "VACUUM ANALYZE" "catena_$RUN" >/dev/null
   psql -q -h 127.0.0.1 -U postgres -c "CHECKPOINT" "catena_$RUN" >/dev/null
   sleep 5
@@ -109,25 +111,17 @@ warmup() {
   settle
 }
 WARMED=0; [ "${WARMUP:-1}" = 0 ] && WARMED=1 # WARMUP=0 skips the warm-up
-# CPU seconds per process name (all processes of that name), for the A/B breakdown.
-cpu_by_name() { for p in /proc/[0-9]*; do c=$(cat "$p/comm" 2>/dev/null) && s=$(awk '{print $14+$15}' "$p/stat" 2>/dev/null) && echo "$c $s"; done | awk '{a[$1]+=$2} END {for (k in a) print k, a[k]/100}' | sort; }
-# cpu_per_event BEFORE AFTER EVENTS: "name us/event" for every process that used >1% of it.
-cpu_per_event() { join "$1" "$2" | awk -v n="$3" '{d=($3-$2)*1e6/n; if (d > 1) printf "%s %.0f us, ", $1, d}'; }
 
 echo "run $RUN: ${DURATION}s per phase, wrk -c$CONNECTIONS, backlog $BACKLOG, phases: $PHASES" | tee "$OUT/summary.txt"
-printf '| phase | events/s | HTTP p50 ms | HTTP p99 ms | receive->commit p50 ms | p99 ms |\n|---|---|---|---|---|---|\n' >"$OUT/table.md"
-RELAY_RSS=- WORKER_RSS=- RELAY_CPU_US=- WORKER_CPU_US=- RELAY_ALONE_RSS=- RELAY_ALONE_CPU_US=- SAT=0
 
 if has relay; then
   corpus relay $((22000 * DURATION))
   start_relay
-  c0=$(cpu_s "$RELAY"); load relay; c1=$(cpu_s "$RELAY")
-  RELAY_ALONE_RSS=$(hwm "$RELAY"); stop "$RELAY"
+  snapshot relay; load relay
+  measure relay --phase relay --label "relay alone (HTTP, gunzip, HMAC, publish+confirm)" \
+    --wrk "$OUT/relay.wrk.txt" --pid relay="$RELAY" --cpu-since "$OUT/relay.cpu.json"
+  stop "$RELAY"
   rabbitmqctl -q purge_queue "$RUN.events" >/dev/null
-  n=$(field "$OUT/relay.wrk.json" requests)
-  RELAY_ALONE_CPU_US=$(echo "($c1 - $c0) * 1000000 / $n" | bc)
-  printf '| relay alone (HTTP, gunzip, HMAC, publish+confirm) | %s | %.1f | %.1f | - | - |\n' \
-    "$(num "$(field "$OUT/relay.wrk.json" requests_per_second)")" "$(field "$OUT/relay.wrk.json" p50_ms)" "$(field "$OUT/relay.wrk.json" p99_ms)" >>"$OUT/table.md"
 fi
 
 if has sat || has half; then
@@ -135,22 +129,17 @@ if has sat || has half; then
   [ "$WARMED" = 1 ] || { warmup; WARMED=1; }
   if has sat || [ -z "${HALF_RATE:-}" ]; then
     corpus sat $((15000 * DURATION))
-    r0=$(cpu_s "$RELAY"); w0=$(cpu_s "$WORKER")
-    load sat; report sat
-    r1=$(cpu_s "$RELAY"); w1=$(cpu_s "$WORKER")
-    n=$(field "$OUT/sat.e2e.json" events)
-    RELAY_CPU_US=$(echo "($r1 - $r0) * 1000000 / $n" | bc); WORKER_CPU_US=$(echo "($w1 - $w0) * 1000000 / $n" | bc)
-    row sat "end to end at saturation (wrk -c$CONNECTIONS)"
-    SAT=$(num "$(field "$OUT/sat.e2e.json" events_per_second)")
+    snapshot sat; load sat
+    end_to_end sat --phase sat --label "end to end at saturation (wrk -c$CONNECTIONS)" --cpu-since "$OUT/sat.cpu.json"
     settle # saturation leaves a backlog, dirty buffers and autovacuum work behind
   fi
   if has half; then
-    HALF=${HALF_RATE:-$((SAT / 2))} # HALF_RATE=n: a fixed rate, without a saturation run first
+    # HALF_RATE=n: a fixed rate, without a saturation run first
+    HALF=${HALF_RATE:-$($BIN bench rate --fraction 0.5 "$OUT/sat.phase.json")}
     corpus half $((HALF * DURATION + 1000))
-    load half "$HALF"; report half
-    row half "end to end at half of saturation ($HALF/s, paced)"
+    snapshot half; load half "$HALF"
+    end_to_end half --phase half --label "end to end at half of saturation ($HALF/s, paced)" --cpu-since "$OUT/half.cpu.json"
   fi
-  RELAY_RSS=$(hwm "$RELAY"); WORKER_RSS=$(hwm "$WORKER")
   stop "$RELAY"; stop "$WORKER"
 fi
 
@@ -182,40 +171,33 @@ if has ceiling; then
     rm -f "$CEILING_BUILD/ceiling-contract"
   fi
   psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE ceiling" postgres >/dev/null 2>&1 || true
-  # ceiling VARIANT PAIR: run one ceiling binary behind wrk; prints its events/s and leaves the
-  # CPU samples of its measuring window in $OUT/cpu.VARIANT0 and .VARIANT1.
+  # ceiling VARIANT PAIR PHASE: run one ceiling binary behind wrk, with CPU snapshots inside its
+  # own measuring window (it exits when that ends), and measure it.
   ceiling() {
+    local name=ceiling-$1.$2
     AMQP_ADDR=amqp://guest:guest@127.0.0.1:5672/%2f PG_DSN=postgres://postgres@127.0.0.1:5432/ceiling \
       "$CEILING_BUILD/ceiling-$1" pipeline --queue quorum --workers 2 --batch 500 --http 127.0.0.1:18088 \
-      --warmup 3 --duration "$DURATION" >"$OUT/ceiling-$1.$2.txt" 2>&1 &
+      --warmup 3 --duration "$DURATION" >"$OUT/$name.txt" 2>&1 &
     CEIL=$!
     for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18088/ && break; sleep 0.1; done
     wrk -t1 -c"$CONNECTIONS" -d"$((DURATION + 5))s" -s "$CEILING_DIR/scripts/hook.lua" http://127.0.0.1:18088/hook >/dev/null 2>&1 &
     WRK=$!
-    # Sample inside the ceiling's own measuring window (it exits when that ends).
-    sleep 4; cpu_by_name >"$OUT/cpu.$1.0"; sleep "$WINDOW"; cpu_by_name >"$OUT/cpu.$1.1"
+    sleep 4; snapshot "$name.start"; sleep "$WINDOW"; snapshot "$name.end"
     wait "$WRK" || true; wait "$CEIL" || true
-    grep -o 'committed+acked events/s=[0-9]*' "$OUT/ceiling-$1.$2.txt" | cut -d= -f2
+    measure "$name" --phase "$3" --round "$2" --ceiling-output "$OUT/$name.txt" \
+      --cpu-since "$OUT/$name.start.cpu.json" --cpu-until "$OUT/$name.end.cpu.json"
   }
   WINDOW=$((DURATION - 4))
-  printf '\n| pair | ceiling events/s | ceiling, contract-shaped publish | catena-ingest events/s | ratio to ceiling | ratio to contract-shaped |\n|---|---|---|---|---|---|\n' >"$OUT/pairs.md"
   for pair in $(seq 1 "$CEILING_PAIRS"); do
-    A=$(ceiling minimal "$pair")
-    echo "pair $pair CPU per event, ceiling:                  $(cpu_per_event "$OUT/cpu.minimal.0" "$OUT/cpu.minimal.1" "$((A * WINDOW))")" >>"$OUT/cpu.md"
-    C=-
-    if [ -x "$CEILING_BUILD/ceiling-contract" ]; then
-      C=$(ceiling contract "$pair")
-      echo "pair $pair CPU per event, ceiling, contract-shaped: $(cpu_per_event "$OUT/cpu.contract.0" "$OUT/cpu.contract.1" "$((C * WINDOW))")" >>"$OUT/cpu.md"
-    fi
+    ceiling minimal "$pair" ceiling
+    if [ -x "$CEILING_BUILD/ceiling-contract" ]; then ceiling contract "$pair" ceiling-contract; fi
     corpus "pair$pair" $((15000 * DURATION))
     start_relay; start_worker
     [ "$WARMED" = 1 ] || { warmup; WARMED=1; }
-    cpu_by_name >"$OUT/cpu.b0"; load "pair$pair"; cpu_by_name >"$OUT/cpu.b1"; report "pair$pair"
+    snapshot "pair$pair.start"; load "pair$pair"; snapshot "pair$pair.end"
+    end_to_end "pair$pair" --phase pair --round "$pair" \
+      --cpu-since "$OUT/pair$pair.start.cpu.json" --cpu-until "$OUT/pair$pair.end.cpu.json"
     stop "$RELAY"; stop "$WORKER"
-    B=$(num "$(field "$OUT/pair$pair.e2e.json" events_per_second)")
-    RC=-; [ "$C" != - ] && RC=$(printf '%.2f' "$(echo "$B / $C" | bc -l)")
-    printf '| %s | %s | %s | %s | %.2f | %s |\n' "$pair" "$A" "$C" "$B" "$(echo "$B / $A" | bc -l)" "$RC" >>"$OUT/pairs.md"
-    echo "pair $pair CPU per event, ours:                     $(cpu_per_event "$OUT/cpu.b0" "$OUT/cpu.b1" "$(field "$OUT/pair$pair.e2e.json" events)")" >>"$OUT/cpu.md"
   done
 fi
 
@@ -223,30 +205,21 @@ fi
 # would otherwise land in the phases after it.
 if has drain; then
   $BIN send --target amqp --count "$BACKLOG" --concurrency 512 --json >"$OUT/backlog_publish.json"
-  DRAIN_START=$(date +%s.%N)
+  measure publish --phase publish --label "backlog publish, broker only (send --target amqp, confirm)" \
+    --send-report "$OUT/backlog_publish.json"
+  DRAIN_START=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)
+  snapshot drain
   start_worker
-  extra=()
+  extra=() workers=(--pid worker="$WORKER")
   for i in $(seq 2 "${WORKERS:-1}"); do # scale-out: more worker processes on the same queue
     METRICS_LISTEN=127.0.0.1:$((METRICS_PORT + i)) $BIN worker --no-migrate >"$OUT/worker$i.log" 2>&1 &
-    extra+=("$!"); pids+=("$!")
+    extra+=("$!"); pids+=("$!"); workers+=(--pid "worker$i=$!")
   done
-  while [ "$(queue_len)" != "0" ]; do sleep 1; done
-  DRAIN_END=$(date +%s.%N)
-  WORKER_DRAIN_RSS=$(hwm "$WORKER")
+  $BIN bench wait-empty
+  measure drain --phase drain --label "backlog drain of $BACKLOG events, ${WORKERS:-1} worker process(es) ({seconds} s)" \
+    --processed-since "$DRAIN_START" "${workers[@]}" --cpu-since "$OUT/drain.cpu.json"
   stop "$WORKER"
   for p in "${extra[@]:-}"; do [ -n "$p" ] && stop "$p"; done
-  DRAIN_RATE=$(psql -At -h 127.0.0.1 -U postgres "catena_$RUN" -c \
-    "SELECT round(count(*) / extract(epoch FROM max(processed_at) - min(processed_at))) FROM webhook_events
-     WHERE processed_at >= to_timestamp($DRAIN_START)")
-  printf '| backlog publish, broker only (send --target amqp, confirm) | %s | - | - | - | - |\n' "$(num "$(field "$OUT/backlog_publish.json" accepted_per_second)")" >>"$OUT/table.md"
-  printf '| backlog drain of %s events, %s worker process(es) (%.0f s) | %s | - | - | - | - |\n' "$BACKLOG" "${WORKERS:-1}" "$(echo "$DRAIN_END - $DRAIN_START" | bc)" "$DRAIN_RATE" >>"$OUT/table.md"
-  WORKER_RSS="$WORKER_RSS (drain: $WORKER_DRAIN_RSS)"
 fi
 
-{
-  cat "$OUT/table.md"
-  [ -f "$OUT/pairs.md" ] && cat "$OUT/pairs.md"
-  [ -f "$OUT/cpu.md" ] && { echo; cat "$OUT/cpu.md"; }
-  printf '\npeak RSS MiB: relay %s (alone: %s), worker %s\n' "$RELAY_RSS" "$RELAY_ALONE_RSS" "$WORKER_RSS"
-  printf 'CPU per event: relay alone %s us; at saturation relay %s us, worker %s us\n' "$RELAY_ALONE_CPU_US" "$RELAY_CPU_US" "$WORKER_CPU_US"
-} | tee -a "$OUT/summary.txt"
+$BIN bench table "$OUT" | tee -a "$OUT/summary.txt"

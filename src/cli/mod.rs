@@ -4,6 +4,7 @@
 //! environment variable), so a subcommand only assembles its config and calls the library.
 
 mod alerts;
+mod bench;
 mod dev;
 mod fleet;
 mod migrate;
@@ -55,6 +56,10 @@ enum Command {
     Fleet(fleet::Fleet),
     /// List open alerts, or resolve one by hand (the sinks are notified too).
     Alerts(alerts::Alerts),
+    /// The measuring half of scripts/bench.sh: CPU snapshots, one JSON report per phase, the
+    /// summary table.
+    #[command(hide = true)]
+    Bench(bench::Bench),
 }
 
 impl Cli {
@@ -71,6 +76,7 @@ impl Cli {
             Command::Parked(command) => command.run().await,
             Command::Fleet(command) => command.run().await,
             Command::Alerts(command) => command.run().await,
+            Command::Bench(command) => command.run().await,
         }
     }
 }

@@ -104,9 +104,6 @@ enum SendTarget {
     Amqp,
 }
 
-/// How long the end-to-end report waits for the count to stop moving.
-const REPORT_SETTLE: Duration = Duration::from_secs(10);
-
 impl Send {
     /// The secret to sign with, from the same sources the relay reads.
     fn signing_secret(&self) -> anyhow::Result<Vec<u8>> {
@@ -150,7 +147,7 @@ impl Send {
     pub async fn run(self) -> anyhow::Result<()> {
         if let (Some(since), Some(db)) = (self.report_since, &self.report_db) {
             let expected = self.count.unwrap_or(0) as i64;
-            let e2e = report::end_to_end(db, since, expected, REPORT_SETTLE).await?;
+            let e2e = report::end_to_end(db, since, expected, report::SETTLE).await?;
             return self.print(&e2e, |e| e.print());
         }
         let secret = match self.target {
@@ -247,7 +244,7 @@ impl Send {
         self.print(&sent, |r| r.print())?;
         if let Some(db) = &self.report_db {
             let e2e =
-                report::end_to_end(db, started_at, sent.accepted as i64, REPORT_SETTLE).await?;
+                report::end_to_end(db, started_at, sent.accepted as i64, report::SETTLE).await?;
             self.print(&e2e, |e| e.print())?;
         }
         if sent.failed > 0 || sent.rejected > 0 {

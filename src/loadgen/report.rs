@@ -4,11 +4,11 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::store::{self, DbError};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EndToEnd {
     pub events: i64,
     pub seconds: f64,
@@ -33,6 +33,9 @@ impl EndToEnd {
         );
     }
 }
+
+/// How long [`end_to_end`] waits for the count of committed events to stop moving, by default.
+pub const SETTLE: Duration = Duration::from_secs(10);
 
 /// Wait until `expected` events received since `since` are committed (or nothing changes for
 /// `settle`), then measure them.

@@ -43,7 +43,7 @@ impl SendOptions {
 }
 
 /// What happened to each delivery, and latencies of every HTTP exchange.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SendReport {
     pub deliveries: u64,
     /// Deliveries that ended in a 2xx (after retries).
