@@ -13,6 +13,20 @@ UNION ALL SELECT 'connections', status, count(*) FROM connections GROUP BY statu
 UNION ALL SELECT 'schedules', status, count(*) FROM schedules GROUP BY status
 UNION ALL SELECT 'outbox_pending', '', count(*) FROM alert_outbox WHERE delivered_at IS NULL";
 
+/// Connection statuses with a series of their own (Catena's `StatusEnum` values that a
+/// connection takes); anything else counts as `other`, so the label set stays bounded.
+const CONNECTION_STATUSES: [&str; 7] = [
+    "active", "stale", "inactive", "paused", "expired", "deleted", "other",
+];
+
+fn connection_status_label(status: &str) -> &'static str {
+    CONNECTION_STATUSES
+        .iter()
+        .find(|s| **s == status)
+        .copied()
+        .unwrap_or("other")
+}
+
 pub async fn refresh_gauges(
     client: &tokio_postgres::Client,
     publisher: &Publisher,
@@ -27,7 +41,7 @@ pub async fn refresh_gauges(
             .with_label_values(&[kind.as_str()])
             .set(0);
     }
-    for status in ["active", "stale"] {
+    for status in CONNECTION_STATUSES {
         metrics.connections.with_label_values(&[status]).set(0);
     }
     for status in ["active", "deactivated"] {
@@ -38,7 +52,10 @@ pub async fn refresh_gauges(
         let (metric, label, n): (&str, &str, i64) = (row.get(0), row.get(1), row.get(2));
         match metric {
             "alerts_open" => metrics.alerts_open.with_label_values(&[label]).set(n),
-            "connections" => metrics.connections.with_label_values(&[label]).set(n),
+            "connections" => metrics
+                .connections
+                .with_label_values(&[connection_status_label(label)])
+                .add(n),
             "schedules" => metrics.schedules.with_label_values(&[label]).set(n),
             _ => metrics.outbox_pending.set(n),
         }

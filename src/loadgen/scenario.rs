@@ -63,6 +63,11 @@ pub struct ScenarioOptions {
     pub webhook_id: String,
     /// Event time of the first fleet's first event.
     pub start: DateTime<Utc>,
+    /// Every branch many times over, for the property tests: invitations re-sent with new
+    /// links and declined twice, several share-agreement updates, several stale and recover
+    /// episodes per connection (and statuses that are neither), bursts of failed executions
+    /// over the warning threshold, schedules deactivated again with other settings.
+    pub churn: bool,
 }
 
 impl ScenarioOptions {
@@ -73,6 +78,7 @@ impl ScenarioOptions {
             ref_prefix: "FLEET".into(),
             webhook_id: DEFAULT_WEBHOOK_ID.into(),
             start: Utc::now() - Duration::days(1),
+            churn: false,
         }
     }
 }
@@ -96,6 +102,7 @@ pub fn stream(options: &ScenarioOptions) -> impl Iterator<Item = Event> + use<> 
                 out: &mut out,
                 webhook_id: &options.webhook_id,
                 clock: options.start + Duration::milliseconds(fleet as i64 * 1_000),
+                churn: options.churn,
             };
             g.fleet(&format!("{}-{fleet}", options.ref_prefix));
             out
@@ -131,6 +138,7 @@ struct Generator<'a> {
     out: &'a mut Vec<Event>,
     webhook_id: &'a str,
     clock: DateTime<Utc>,
+    churn: bool,
 }
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -211,6 +219,34 @@ impl Generator<'_> {
             vec![invitation("active", None, json!({}))],
         );
         let branch = self.rng.random_range(0..100);
+        if self.churn {
+            // Declined, re-sent with a new link and expiry, declined again for another reason:
+            // each latest-wins field has its own newest value.
+            for round in 0..self.rng.random_range(1..=2) {
+                let at = ts(self.clock);
+                let reason = ["not now", "wrong tsp", "already connected"][round % 3];
+                self.emit(
+                    "invitation.declined",
+                    vec![invitation(
+                        "declined",
+                        None,
+                        json!({"decline_reason": reason, "declined_at": at}),
+                    )],
+                );
+                let expires_at = ts(self.clock + Duration::hours(48));
+                self.emit(
+                    "invitation.sent",
+                    vec![invitation(
+                        "active",
+                        None,
+                        json!({
+                            "magic_link": format!("https://connect.catenatelematics.com/?invite={invitation_id}&r={round}"),
+                            "expires_at": expires_at,
+                        }),
+                    )],
+                );
+            }
+        }
         if branch < 5 {
             self.emit(
                 "invitation.deleted",
@@ -272,6 +308,14 @@ impl Generator<'_> {
             })
         };
         self.emit("share_agreement.created", vec![share("active")]);
+        if self.churn {
+            for status in ["paused", "active", "paused"]
+                .iter()
+                .take(self.rng.random_range(1..=3))
+            {
+                self.emit("share_agreement.updated", vec![share(status)]);
+            }
+        }
 
         let tsp_count = self.rng.random_range(1..=3);
         for _ in 0..tsp_count {
@@ -295,7 +339,12 @@ impl Generator<'_> {
             for _ in 0..self.rng.random_range(1..=2) {
                 let schedule_id = self.uuid4();
                 let resource = RESOURCES[self.rng.random_range(0..RESOURCES.len())];
-                let failures = self.rng.random_range(0..=3);
+                let failures = if self.churn {
+                    // A burst: more than the default threshold of 3 inside one hour.
+                    self.rng.random_range(3..=7)
+                } else {
+                    self.rng.random_range(0..=3)
+                };
                 for _ in 0..failures {
                     let execution_id = self.uuid4();
                     let at = ts(self.clock);
@@ -309,19 +358,43 @@ impl Generator<'_> {
                         ],
                     );
                 }
-                if failures > 0 && self.rng.random_bool(0.25) {
+                let deactivations = match (self.churn, failures > 0) {
+                    (true, _) => self.rng.random_range(0..=3),
+                    (false, true) if self.rng.random_bool(0.25) => 1,
+                    _ => 0,
+                };
+                for round in 0..deactivations {
+                    // Later deactivations carry other settings (the newest wins).
+                    let (threshold, interval) = if round == 0 {
+                        (6, 300)
+                    } else {
+                        (
+                            self.rng.random_range(3..=15),
+                            60 * self.rng.random_range(1..=10),
+                        )
+                    };
                     self.emit(
                         "schedule.deactivated",
                         vec![json!({"id": schedule_id, "connection_id": connection_id,
-                            "resource": resource, "execution_interval_seconds": 300,
-                            "status": "inactive", "consecutive_error_threshold": 6,
+                            "resource": resource, "execution_interval_seconds": interval,
+                            "status": "inactive", "consecutive_error_threshold": threshold,
                             "max_concurrent_executions": 1})],
                     );
                 }
             }
-            if self.rng.random_bool(0.15) {
+            let episodes = match self.churn {
+                true => self.rng.random_range(1..=4),
+                false => usize::from(self.rng.random_bool(0.15)),
+            };
+            for episode in 0..episodes {
                 self.emit("connection.staled", vec![connection("stale")]);
-                if self.rng.random_bool(0.5) {
+                if self.churn && self.rng.random_bool(0.3) {
+                    // A status that neither opens nor ends an episode.
+                    let other = ["inactive", "paused"][episode % 2];
+                    self.emit("connection.created", vec![connection(other)]);
+                }
+                let last = episode + 1 == episodes;
+                if !last || self.rng.random_bool(0.5) {
                     // The fleet re-authenticated: a newer record shows the connection active.
                     self.emit("connection.created", vec![connection("active")]);
                 }

@@ -315,7 +315,10 @@ mod tests {
         use Health::*;
         let (rows, pages) = run(&[vec![obs(2, Active)], vec![obs(1, Stale)]]);
         assert_eq!(rows, [episode(1, Some(2))]);
-        assert!(pages.is_empty(), "a period already over is history: {pages:?}");
+        assert!(
+            pages.is_empty(),
+            "a period already over is history: {pages:?}"
+        );
         let (rows, pages) = run(&[vec![obs(1, Stale)], vec![obs(2, Active)]]);
         assert_eq!(rows, [episode(1, Some(2))]);
         assert_eq!(pages, ["open", "resolve"]);

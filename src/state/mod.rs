@@ -15,6 +15,7 @@
 //! [`plan`] is the pure half (what each event changes, as rows and statements, unit-tested),
 //! [`sql`] the statements, [`locks`] the entity locks; this module runs a batch.
 
+mod alerts;
 pub mod episodes;
 mod locks;
 mod plan;
@@ -33,8 +34,8 @@ use crate::envelope::{Change, Event};
 use crate::store::DbError;
 use crate::worker::Outcome;
 use locks::entity_locks;
-use plan::Plan;
-use sql::{DEDUP_INSERT, ENTITY_LOCKS};
+use plan::{Op, Plan, p};
+use sql::{ALERT_ROWS, ALERT_TIMELINES, ALERTS_REFRESH, DEDUP_INSERT, ENTITY_LOCKS};
 
 /// In debug builds, an event with this name panics the handler (see [`apply_batch`]).
 pub const TEST_PANIC_EVENT: &str = "catena-ingest.test-panic";
@@ -166,11 +167,52 @@ pub async fn apply_batch(
     if plan.is_empty() {
         return Ok(result);
     }
-    let ops = plan.ops(rules);
+    let subjects = plan.alert_subjects();
+    let mut ops = plan.ops(rules);
+    // The alert episodes of the subjects whose timelines grew are reconciled in a second
+    // flight, from their timelines and rows as this flight leaves them; without such subjects
+    // the back-fill of incomplete alerts rides along in this one.
+    let reconciling = !subjects.is_empty();
+    if reconciling {
+        ops.extend([
+            Op {
+                sql: ALERT_TIMELINES,
+                params: vec![p(subjects.kinds()), p(subjects.ids())],
+            },
+            Op {
+                sql: ALERT_ROWS,
+                params: vec![p(subjects.ids())],
+            },
+        ]);
+    } else {
+        ops.push(refresh(Vec::new()));
+    }
+    let mut rows = run(tx, &ops).await?;
+    if reconciling {
+        let existing = rows.pop().expect("the alert rows query ran");
+        let timelines = rows.pop().expect("the timelines query ran");
+        let writes = alerts::reconcile(&subjects, &timelines, &existing);
+        result.alerts_opened = writes.paged_kinds();
+        let mut ops = writes.ops();
+        ops.push(refresh(subjects.ids()));
+        run(tx, &ops).await?;
+    }
+    Ok(result)
+}
 
-    // Prepare (cached per connection), then send every statement in one pipelined flight.
+/// The fleet and details of these subjects' alerts, and of every alert still missing them.
+fn refresh(subjects: Vec<uuid::Uuid>) -> Op {
+    Op {
+        sql: ALERTS_REFRESH,
+        params: vec![p(subjects)],
+    }
+}
+
+/// Prepare (cached per connection), then send every statement in one pipelined flight; the
+/// server runs them in order, so each sees what the ones before it wrote.
+async fn run(tx: &Transaction<'_>, ops: &[Op]) -> Result<Vec<Vec<tokio_postgres::Row>>, DbError> {
     let mut statements = Vec::with_capacity(ops.len());
-    for op in &ops {
+    for op in ops {
         statements.push(tx.prepare_cached(op.sql).await?);
     }
     let params: Vec<Vec<&(dyn ToSql + Sync)>> = ops
@@ -182,21 +224,13 @@ pub async fn apply_batch(
                 .collect()
         })
         .collect();
-    let rows = try_join_all(
+    Ok(try_join_all(
         statements
             .iter()
             .zip(&params)
             .map(|(statement, params)| tx.query(statement, params)),
     )
-    .await?;
-    for (op, rows) in ops.iter().zip(rows) {
-        if let Some(kind) = op.opens_alert {
-            result
-                .alerts_opened
-                .extend(std::iter::repeat_n(kind, rows.len()));
-        }
-    }
-    Ok(result)
+    .await?)
 }
 
 /// A `std::time::Duration` sent as a PostgreSQL `interval` (microseconds, no days or months).

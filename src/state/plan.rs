@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use super::alerts::AlertSubjects;
 use super::sql::*;
 use super::{PgInterval, Rules};
-use crate::alerts::AlertKind;
 use crate::envelope::{Change, Event, Onboarding};
 
 pub(super) type Param = Box<dyn ToSql + Sync + Send>;
@@ -20,12 +20,52 @@ pub(super) type Param = Box<dyn ToSql + Sync + Send>;
 pub(super) struct Op {
     pub sql: &'static str,
     pub params: Vec<Param>,
-    /// Rows returned by this statement are alerts opened of this kind.
-    pub opens_alert: Option<AlertKind>,
 }
 
-fn p<T: ToSql + Sync + Send + 'static>(value: T) -> Param {
+pub(super) fn p<T: ToSql + Sync + Send + 'static>(value: T) -> Param {
     Box::new(value)
+}
+
+/// An event's version as sortable text, `<20-digit Unix microseconds>|<event key>`: it orders
+/// like (event time, event key), for the columns that keep one (migration 0006).
+pub(super) fn version(t: DateTime<Utc>, k: &str) -> String {
+    format!("{:020}|{k}", t.timestamp_micros().max(0))
+}
+
+/// A latest-wins field: the newest non-null value seen, with its version.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Latest<T> {
+    value: Option<T>,
+    version: Option<String>,
+}
+
+impl<T> Latest<T> {
+    fn new(value: Option<T>, version: &str) -> Self {
+        let version = value.as_ref().map(|_| version.to_owned());
+        Self { value, version }
+    }
+
+    /// The same rule as the SQL's: a non-null value with a greater version wins.
+    fn merge(&mut self, other: Self) {
+        if other.version > self.version {
+            *self = other;
+        }
+    }
+}
+
+impl<T: Clone> Latest<T> {
+    fn value(&self) -> Option<T> {
+        self.value.clone()
+    }
+}
+
+/// The smaller of two optional values, ignoring `None` (SQL's `LEAST`): an order-free merge for
+/// identity fields that every event should carry alike.
+fn least<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Split rows so that no key appears twice in one round.
@@ -58,12 +98,12 @@ struct InvitationRow {
     rank: i16,
     status_at: DateTime<Utc>,
     status_key: String,
-    /// Newest event time and key (the version of the latest-wins fields).
+    /// Newest event time and key.
     t: DateTime<Utc>,
     k: String,
-    decline_reason: Option<String>,
-    expires_at: Option<DateTime<Utc>>,
-    magic_link: Option<String>,
+    decline_reason: Latest<String>,
+    expires_at: Latest<DateTime<Utc>>,
+    magic_link: Latest<String>,
     created_at: Option<DateTime<Utc>>,
     accepted_at: Option<DateTime<Utc>>,
     declined_at: Option<DateTime<Utc>>,
@@ -96,9 +136,19 @@ struct ConnectionRow {
     fleet_id: Option<Uuid>,
     tsp_id: Option<Uuid>,
     source_name: Option<String>,
-    stale: bool,
+    /// Catena's status (`connection.staled` is `stale` whatever its record says).
+    status: String,
     t: DateTime<Utc>,
     k: String,
+}
+
+/// One entry of a subject's status timeline (see [`super::episodes`]).
+struct ObservationRow {
+    kind: &'static str,
+    subject: Uuid,
+    t: DateTime<Utc>,
+    k: String,
+    status: String,
 }
 
 struct ReferenceRow {
@@ -130,6 +180,8 @@ struct DeactivationRow {
     resource: Option<String>,
     threshold: Option<i32>,
     interval: Option<i32>,
+    /// The version of `threshold` and `interval` (`None` when the record has neither).
+    settings_version: Option<String>,
     t: DateTime<Utc>,
 }
 
@@ -145,13 +197,19 @@ pub(super) struct Plan {
     fleet_connections: Vec<FleetConnectionRow>,
     executions: Vec<ExecutionRow>,
     deactivations: Vec<DeactivationRow>,
+    observations: Vec<ObservationRow>,
 }
+
+/// Observation kinds, as `status_observations.kind`.
+pub(super) const CONNECTION: &str = "connection";
+pub(super) const SCHEDULE: &str = "schedule";
 
 impl Plan {
     /// Gather what one event changes. Pure: the state rules, in one place.
     pub(super) fn add(&mut self, event: &Event) {
         let t = event.event_time;
         let k = || event.key.clone();
+        let v = version(t, &event.key);
         match &event.change {
             Change::Invitation(status, records) => {
                 for r in records {
@@ -165,9 +223,9 @@ impl Plan {
                         status_key: k(),
                         t,
                         k: k(),
-                        decline_reason: r.decline_reason.clone(),
-                        expires_at: r.expires_at,
-                        magic_link: r.magic_link.clone(),
+                        decline_reason: Latest::new(r.decline_reason.clone(), &v),
+                        expires_at: Latest::new(r.expires_at, &v),
+                        magic_link: Latest::new(r.magic_link.clone(), &v),
                         created_at: r.created_at,
                         accepted_at: r.accepted_at,
                         declined_at: r.declined_at,
@@ -202,12 +260,24 @@ impl Plan {
             }
             Change::Connection { staled, records } => {
                 for r in records {
+                    let status = match (staled, r.status.as_deref()) {
+                        (true, _) => "stale".to_owned(),
+                        (false, Some(status)) => status.to_ascii_lowercase(),
+                        (false, None) => "active".to_owned(),
+                    };
+                    self.observations.push(ObservationRow {
+                        kind: CONNECTION,
+                        subject: r.id,
+                        t,
+                        k: k(),
+                        status: status.clone(),
+                    });
                     self.connections.push(ConnectionRow {
                         id: r.id,
                         fleet_id: r.fleet_id,
                         tsp_id: r.tsp_id,
                         source_name: r.source_name.clone(),
-                        stale: *staled || r.status.as_deref() == Some("stale"),
+                        status,
                         t,
                         k: k(),
                     });
@@ -263,12 +333,22 @@ impl Plan {
                         fleet_id: None,
                         source_name: None,
                     });
+                    let has_settings = r.consecutive_error_threshold.is_some()
+                        || r.execution_interval_seconds.is_some();
+                    self.observations.push(ObservationRow {
+                        kind: SCHEDULE,
+                        subject: r.id,
+                        t,
+                        k: k(),
+                        status: "deactivated".into(),
+                    });
                     self.deactivations.push(DeactivationRow {
                         id: r.id,
                         connection_id: r.connection_id,
                         resource: r.resource.clone(),
                         threshold: r.consecutive_error_threshold,
                         interval: r.execution_interval_seconds,
+                        settings_version: has_settings.then(|| v.clone()),
                         t,
                     });
                 }
@@ -291,28 +371,35 @@ impl Plan {
             cur.status_key = row.status_key.clone();
         }
         let newer = (row.t, &row.k) > (cur.t, &cur.k);
-        let latest = |cur: &mut Option<_>, new: Option<_>| {
-            if newer && new.is_some() || cur.is_none() {
-                *cur = new.or(cur.take());
-            }
-        };
-        latest(&mut cur.decline_reason, row.decline_reason);
-        latest(&mut cur.magic_link, row.magic_link);
-        if newer && row.expires_at.is_some() || cur.expires_at.is_none() {
-            cur.expires_at = row.expires_at.or(cur.expires_at);
-        }
-        cur.fleet_ref = cur.fleet_ref.take().or(row.fleet_ref);
-        cur.fleet_id = cur.fleet_id.or(row.fleet_id);
-        cur.created_at = match (cur.created_at, row.created_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        cur.accepted_at = cur.accepted_at.or(row.accepted_at);
+        cur.decline_reason.merge(row.decline_reason);
+        cur.expires_at.merge(row.expires_at);
+        cur.magic_link.merge(row.magic_link);
+        cur.fleet_ref = least(cur.fleet_ref.take(), row.fleet_ref);
+        cur.fleet_id = least(cur.fleet_id, row.fleet_id);
+        cur.created_at = least(cur.created_at, row.created_at);
+        cur.accepted_at = least(cur.accepted_at, row.accepted_at);
         cur.declined_at = cur.declined_at.max(row.declined_at);
         if newer {
             cur.t = row.t;
             cur.k = row.k;
         }
+    }
+
+    /// The connections and schedules whose status timelines this batch extends: their alert
+    /// episodes are reconciled after the batch's upserts.
+    pub(super) fn alert_subjects(&self) -> AlertSubjects {
+        let mut subjects = AlertSubjects::default();
+        for o in &self.observations {
+            match o.kind {
+                CONNECTION => subjects.connections.push(o.subject),
+                _ => subjects.schedules.push(o.subject),
+            }
+        }
+        for ids in [&mut subjects.connections, &mut subjects.schedules] {
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        subjects
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -330,13 +417,7 @@ impl Plan {
     /// state they read, back-fills last).
     pub(super) fn ops(&self, rules: &Rules) -> Vec<Op> {
         let mut ops = Vec::new();
-        let mut push = |sql: &'static str, params: Vec<Param>, opens_alert: Option<AlertKind>| {
-            ops.push(Op {
-                sql,
-                params,
-                opens_alert,
-            })
-        };
+        let mut push = |sql: &'static str, params: Vec<Param>| ops.push(Op { sql, params });
         for round in rounds(&self.invitations, |r| r.id) {
             push(
                 INVITATIONS,
@@ -348,16 +429,18 @@ impl Plan {
                     col(&round, |r| r.rank),
                     col(&round, |r| r.status_at),
                     col(&round, |r| r.status_key.clone()),
-                    col(&round, |r| r.decline_reason.clone()),
-                    col(&round, |r| r.expires_at),
-                    col(&round, |r| r.magic_link.clone()),
+                    col(&round, |r| r.decline_reason.value()),
+                    col(&round, |r| r.decline_reason.version.clone()),
+                    col(&round, |r| r.expires_at.value()),
+                    col(&round, |r| r.expires_at.version.clone()),
+                    col(&round, |r| r.magic_link.value()),
+                    col(&round, |r| r.magic_link.version.clone()),
                     col(&round, |r| r.created_at),
                     col(&round, |r| r.accepted_at),
                     col(&round, |r| r.declined_at),
                     col(&round, |r| r.t),
                     col(&round, |r| r.k.clone()),
                 ],
-                None,
             );
         }
         if !self.shares.is_empty() {
@@ -376,7 +459,6 @@ impl Plan {
                         col(&round, |r| r.t),
                         col(&round, |r| r.k.clone()),
                     ],
-                    None,
                 );
             }
             for round in rounds(&self.shares, |r| r.fleet_id) {
@@ -391,7 +473,6 @@ impl Plan {
                         col(&round, |r| r.t),
                         col(&round, |r| r.k.clone()),
                     ],
-                    None,
                 );
             }
             let mapped: Vec<&ShareRow> = self
@@ -407,7 +488,6 @@ impl Plan {
                         col(&mapped, |r| r.fleet_id),
                         col(&mapped, |r| r.fleet_ref.clone()),
                     ],
-                    None,
                 );
             }
         }
@@ -423,7 +503,6 @@ impl Plan {
                     col(&round, |r| r.t),
                     col(&round, |r| r.k.clone()),
                 ],
-                None,
             );
         }
         for round in rounds(&self.connections, |r| r.id) {
@@ -434,11 +513,10 @@ impl Plan {
                     col(&round, |r| r.fleet_id),
                     col(&round, |r| r.tsp_id),
                     col(&round, |r| r.source_name.clone()),
-                    col(&round, |r| if r.stale { "stale" } else { "active" }),
+                    col(&round, |r| r.status.clone()),
                     col(&round, |r| r.t),
                     col(&round, |r| r.k.clone()),
                 ],
-                None,
             );
         }
         for round in rounds(&self.references, |r| r.id) {
@@ -449,7 +527,6 @@ impl Plan {
                     col(&round, |r| r.fleet_id),
                     col(&round, |r| r.source_name.clone()),
                 ],
-                None,
             );
         }
         for round in rounds(&self.fleet_connections, |r| r.id) {
@@ -461,23 +538,19 @@ impl Plan {
                     col(&round, |r| r.connection_id),
                     col(&round, |r| r.t),
                 ],
-                None,
             );
         }
-        let (stale, active): (Vec<&ConnectionRow>, Vec<&ConnectionRow>) =
-            self.connections.iter().partition(|r| r.stale);
-        if !stale.is_empty() {
+        if !self.observations.is_empty() {
+            let all: Vec<&ObservationRow> = self.observations.iter().collect();
             push(
-                CONNECTION_ALERTS_OPEN,
-                vec![col(&stale, |r| r.id), col(&stale, |r| r.t)],
-                Some(AlertKind::ConnectionStale),
-            );
-        }
-        if !active.is_empty() {
-            push(
-                CONNECTION_ALERTS_RESOLVE,
-                vec![col(&active, |r| r.id), col(&active, |r| r.t)],
-                None,
+                STATUS_OBSERVATIONS,
+                vec![
+                    col(&all, |r| r.kind),
+                    col(&all, |r| r.subject),
+                    col(&all, |r| r.t),
+                    col(&all, |r| r.k.clone()),
+                    col(&all, |r| r.status.clone()),
+                ],
             );
         }
         if !self.executions.is_empty() {
@@ -493,7 +566,6 @@ impl Plan {
                     col(&all, |r| r.resource.clone()),
                     col(&all, |r| r.failed_at),
                 ],
-                None,
             );
             push(
                 FAILURE_WARNINGS,
@@ -503,7 +575,6 @@ impl Plan {
                     p(PgInterval(rules.failure_window)),
                     p(rules.failure_threshold),
                 ],
-                None,
             );
         }
         for round in rounds(&self.deactivations, |r| r.id) {
@@ -515,21 +586,12 @@ impl Plan {
                     col(&round, |r| r.resource.clone()),
                     col(&round, |r| r.threshold),
                     col(&round, |r| r.interval),
+                    col(&round, |r| r.settings_version.clone()),
                     col(&round, |r| r.t),
                 ],
-                None,
             );
         }
-        if !self.deactivations.is_empty() {
-            let all: Vec<&DeactivationRow> = self.deactivations.iter().collect();
-            push(
-                SCHEDULE_ALERTS_OPEN,
-                vec![col(&all, |r| r.id), col(&all, |r| r.t)],
-                Some(AlertKind::ScheduleDeactivated),
-            );
-        }
-        push(BACKFILL_FLEET_REFS, Vec::new(), None);
-        push(BACKFILL_ALERTS, Vec::new(), None);
+        push(BACKFILL_FLEET_REFS, Vec::new());
         ops
     }
 }
@@ -617,9 +679,9 @@ pub(super) mod tests {
                 (
                     r.status,
                     r.rank,
-                    r.magic_link.clone(),
-                    r.decline_reason.clone(),
-                    r.expires_at,
+                    r.magic_link.value(),
+                    r.decline_reason.value(),
+                    r.expires_at.value(),
                     r.created_at,
                     r.declined_at,
                     r.k.clone(),
@@ -656,7 +718,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn statements_come_in_dependency_order_and_say_which_open_alerts() {
+    fn statements_come_in_dependency_order_and_timelines_name_their_subjects() {
         let connection = |name: &str, minute, status: &str| {
             event(
                 name,
@@ -668,8 +730,26 @@ pub(super) mod tests {
             )
         };
         let created = connection("connection.created", 1, "active");
-        let staled = connection("connection.staled", 2, "stale");
+        let staled = connection("connection.staled", 2, "active");
         let plan = plan_of(&[&created, &staled]);
+        let statuses: Vec<_> = plan
+            .observations
+            .iter()
+            .map(|o| o.status.as_str())
+            .collect();
+        assert_eq!(
+            statuses,
+            ["active", "stale"],
+            "connection.staled is stale whatever it says"
+        );
+        let subjects = plan.alert_subjects();
+        assert_eq!(
+            subjects.connections.len(),
+            1,
+            "one subject, two observations"
+        );
+        assert!(subjects.schedules.is_empty());
+
         let ops = plan.ops(&Rules::default());
         let position = |sql: &str| ops.iter().position(|op| op.sql == sql).unwrap();
         assert_eq!(
@@ -677,22 +757,33 @@ pub(super) mod tests {
             2,
             "two events of one connection take two rounds"
         );
-        assert!(position(CONNECTIONS) < position(CONNECTION_ALERTS_OPEN));
-        assert!(position(CONNECTIONS) < position(CONNECTION_ALERTS_RESOLVE));
+        assert!(position(CONNECTIONS) < position(STATUS_OBSERVATIONS));
         assert_eq!(
-            ops[position(CONNECTION_ALERTS_OPEN)].opens_alert,
-            Some(AlertKind::ConnectionStale)
-        );
-        assert_eq!(ops[position(CONNECTION_ALERTS_RESOLVE)].opens_alert, None);
-        let tail: Vec<_> = ops[ops.len() - 2..].iter().map(|op| op.sql).collect();
-        assert_eq!(
-            tail,
-            [BACKFILL_FLEET_REFS, BACKFILL_ALERTS],
+            ops.last().unwrap().sql,
+            BACKFILL_FLEET_REFS,
             "back-fills last"
         );
         for op in &ops {
             let placeholders = (1..=op.params.len()).all(|n| op.sql.contains(&format!("${n}")));
             assert!(placeholders, "every parameter is used: {}", op.sql);
+        }
+    }
+
+    #[test]
+    fn latest_wins_fields_keep_their_own_version() {
+        // The newest event says nothing of the reason: an older one's reason must not lose to
+        // a still older one just because it arrived after the newest.
+        let (oldest, older, newest) = (
+            invitation("viewed", 1, serde_json::json!({"decline_reason": "a"})),
+            invitation("declined", 2, serde_json::json!({"decline_reason": "b"})),
+            invitation("declined", 3, serde_json::json!({})),
+        );
+        for order in [[&newest, &oldest, &older], [&oldest, &older, &newest]] {
+            let plan = plan_of(&order);
+            assert_eq!(
+                plan.invitations[0].decline_reason.value().as_deref(),
+                Some("b")
+            );
         }
     }
 

@@ -27,6 +27,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "indexes",
         include_str!("../../migrations/0004_indexes.sql"),
     ),
+    (
+        6,
+        "order_independent_state",
+        include_str!("../../migrations/0006_order_independent_state.sql"),
+    ),
 ];
 
 /// Serialises concurrent `migrate` runs (any 64-bit constant unique to this app).

@@ -115,15 +115,24 @@ impl TestDb {
     /// set).
     pub async fn snapshot(&self) -> String {
         let client = self.client().await;
+        // Every column of every table the events derive, as JSON, minus what is wall-clock or
+        // delivery metadata rather than a function of the events (receive and commit times,
+        // row creation times, alert ids, whether an alert paged).
         let queries = [
-            "SELECT invitation_id::text, coalesce(fleet_ref,''), coalesce(fleet_id::text,''), status, coalesce(decline_reason,''), coalesce(expires_at::text,'') FROM invitations",
-            "SELECT fleet_id::text, coalesce(fleet_ref,''), coalesce(invitation_id::text,''), coalesce(share_agreement_id::text,''), coalesce(share_status,''), onboarding_status FROM fleets",
-            "SELECT connection_id::text, coalesce(fleet_id::text,''), coalesce(tsp_id::text,''), coalesce(source_name,''), status, coalesce(staled_at::text,''), coalesce(updated_at::text,'') FROM connections",
-            "SELECT fleet_connection_id::text, fleet_id::text, connection_id::text, created_at::text FROM fleet_connections",
-            "SELECT schedule_id::text, coalesce(connection_id::text,''), coalesce(resource,''), status, coalesce(consecutive_error_threshold::text,''), failed_executions::text, coalesce(last_failed_at::text,''), coalesce(deactivated_at::text,'') FROM schedules",
-            "SELECT share_agreement_id::text, fleet_id::text, status FROM share_agreements",
-            "SELECT kind, subject_id::text, coalesce(fleet_id::text,''), coalesce(fleet_ref,''), opened_at::text FROM alerts WHERE state = 'open'",
-            "SELECT event_key, event_name, outcome FROM webhook_events",
+            "SELECT to_jsonb(t)::text FROM invitations t",
+            "SELECT (to_jsonb(t) - 'first_seen_at')::text FROM fleets t",
+            "SELECT to_jsonb(t)::text FROM share_agreements t",
+            "SELECT to_jsonb(t)::text FROM connections t",
+            "SELECT to_jsonb(t)::text FROM fleet_connections t",
+            "SELECT to_jsonb(t)::text FROM schedules t",
+            "SELECT to_jsonb(t)::text FROM failed_executions t",
+            "SELECT to_jsonb(t)::text FROM status_observations t",
+            "SELECT (to_jsonb(t) - 'raised_at')::text FROM failure_warnings t",
+            "SELECT (to_jsonb(t) - ARRAY['alert_id', 'created_at', 'paged'])::text FROM alerts t",
+            "SELECT (to_jsonb(t) - ARRAY['received_at', 'processed_at'])::text FROM webhook_events t",
+            // Warnings are a function of the set (fixed windows); alert pages are not, see
+            // `outbox_problems`.
+            "SELECT payload->>'schedule_id' || ' ' || (payload->>'window_start') FROM alert_outbox WHERE action = 'warning'",
         ];
         let mut out = String::new();
         for sql in queries {
@@ -143,6 +152,36 @@ impl TestDb {
             out.push_str(&format!("## {sql}\n{}\n", rows.join("\n")));
         }
         out
+    }
+
+    /// What the outbox says of the alerts, checked against their rows: an open alert paged once
+    /// and was not resolved; a resolved one either paged and was resolved once each, or (an
+    /// episode first seen over) never paged at all. Empty when all holds.
+    pub async fn outbox_problems(&self) -> Vec<String> {
+        let rows = self
+            .client()
+            .await
+            .query(
+                "SELECT a.kind || ' ' || a.subject_id || ' ' || a.opened_at AS alert, a.state,
+                        count(*) FILTER (WHERE o.action = 'open')::int AS opens,
+                        count(*) FILTER (WHERE o.action = 'resolve')::int AS resolves
+                 FROM alerts a LEFT JOIN alert_outbox o ON o.alert_id = a.alert_id
+                 GROUP BY a.alert_id",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .filter_map(|row| {
+                let (alert, state, opens, resolves): (String, String, i32, i32) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                let fine = match state.as_str() {
+                    "open" => (opens, resolves) == (1, 0),
+                    _ => (opens, resolves) == (1, 1) || (opens, resolves) == (0, 0),
+                };
+                (!fine).then(|| format!("{alert} {state}: {opens} open, {resolves} resolve"))
+            })
+            .collect()
     }
 
     /// Apply each batch of bodies in a transaction of its own, straight through the state layer

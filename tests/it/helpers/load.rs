@@ -11,9 +11,19 @@ pub use catena_ingest::loadgen::send::SendReport;
 /// The events of `fleets` generated lifecycles, signed for [`WEBHOOK_ID`], `fleet_ref`s unique
 /// to the seed.
 pub fn scenario(fleets: usize, seed: u64) -> Vec<Event> {
+    generate(fleets, seed, false)
+}
+
+/// Like [`scenario`], with every branch many times over (`ScenarioOptions::churn`).
+pub fn churn_scenario(fleets: usize, seed: u64) -> Vec<Event> {
+    generate(fleets, seed, true)
+}
+
+fn generate(fleets: usize, seed: u64, churn: bool) -> Vec<Event> {
     let mut options = catena_ingest::loadgen::scenario::ScenarioOptions::new(fleets, seed);
     options.webhook_id = WEBHOOK_ID.into();
     options.ref_prefix = format!("F{seed}");
+    options.churn = churn;
     catena_ingest::loadgen::scenario::generate(&options)
 }
 

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 pub use db::{TestDb, assert_same_state};
 pub use http::Post;
-pub use load::{duplicated_and_shuffled, in_order, scenario};
+pub use load::{churn_scenario, duplicated_and_shuffled, in_order, scenario};
 pub use pipeline::TestPipeline;
 pub use poll::{eventually, wait_until};
 pub use processes::terminate_all;

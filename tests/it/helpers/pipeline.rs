@@ -438,6 +438,11 @@ impl TestPipeline {
             &self.reference().snapshot().await,
             &self.db().snapshot().await,
         );
+        let problems = self.db().outbox_problems().await;
+        assert!(
+            problems.is_empty(),
+            "outbox disagrees with alerts: {problems:#?}"
+        );
     }
 
     // -- broker -----------------------------------------------------------------------------
