@@ -60,11 +60,40 @@ struct RawEnvelope<'a> {
     id: Option<String>,
 }
 
+/// Where an event's dedup key came from (the `source` label of `catena_worker_dedup_keys_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// The envelope `id`, a UUID.
+    EnvelopeId,
+    /// No `id`: a hash of `event_name` and `data`.
+    ContentHash,
+    /// An `id` that is not a UUID: hashed like a missing one, and counted, since Catena
+    /// promises UUIDs and a change there would deserve a look.
+    InvalidId,
+}
+
+impl KeySource {
+    pub const ALL: [KeySource; 3] = [
+        KeySource::EnvelopeId,
+        KeySource::ContentHash,
+        KeySource::InvalidId,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySource::EnvelopeId => "envelope_id",
+            KeySource::ContentHash => "content_hash",
+            KeySource::InvalidId => "invalid_id",
+        }
+    }
+}
+
 /// A decoded message: identity, time, and the change to apply.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// Deduplication key: the envelope id, else a hash of the body without `delivery_attempt`.
+    /// Deduplication key: the envelope id, else a hash of `event_name` and `data`.
     pub key: String,
+    pub key_source: KeySource,
     pub event_id: Option<Uuid>,
     pub event_name: String,
     pub webhook_id: Option<String>,
@@ -311,9 +340,10 @@ pub fn decode(body: &[u8], received_at: DateTime<Utc>) -> Result<Event, DecodeEr
         .ok_or(DecodeError::MissingField("event_name"))?;
     let data = raw.data.ok_or(DecodeError::MissingField("data"))?;
     let event_id = raw.id.as_deref().and_then(|s| Uuid::parse_str(s).ok());
-    let key = match event_id {
-        Some(id) => id.to_string(),
-        None => body_hash_key(body)?,
+    let (key, key_source) = match (event_id, raw.id.as_deref()) {
+        (Some(id), _) => (id.to_string(), KeySource::EnvelopeId),
+        (None, None) => (content_hash_key(&event_name, data)?, KeySource::ContentHash),
+        (None, Some(_)) => (content_hash_key(&event_name, data)?, KeySource::InvalidId),
     };
 
     let change = decode_change(&event_name, data)?;
@@ -329,6 +359,7 @@ pub fn decode(body: &[u8], received_at: DateTime<Utc>) -> Result<Event, DecodeEr
         .unwrap_or(received_at);
     Ok(Event {
         key,
+        key_source,
         event_id,
         event_name,
         webhook_id: raw.webhook_id,
@@ -432,15 +463,16 @@ fn record_time(change: &Change) -> Option<DateTime<Utc>> {
     times.into_iter().flatten().max()
 }
 
-/// Dedup key for an envelope without an id: SHA-256 of the body with `delivery_attempt`
-/// removed (it changes per retry), keys sorted so formatting differences do not matter.
-fn body_hash_key(body: &[u8]) -> Result<String, DecodeError> {
-    let mut value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    if let Some(object) = value.as_object_mut() {
-        object.remove("delivery_attempt");
-    }
-    let canonical = serde_json::to_vec(&value).expect("serialising a Value cannot fail");
+/// Dedup key for an envelope without a usable id: SHA-256 of its `event_name` and `data` only.
+/// `timestamp` is Catena's dispatch time and `delivery_attempt` grows per retry, so hashing the
+/// whole body gave every retry a key of its own; object keys are sorted (serde_json's map), so
+/// formatting differences do not matter either.
+fn content_hash_key(event_name: &str, data: &RawValue) -> Result<String, DecodeError> {
+    let data: serde_json::Value =
+        serde_json::from_str(data.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let canonical =
+        serde_json::to_vec(&serde_json::json!({"event_name": event_name, "data": data}))
+            .expect("serialising a Value cannot fail");
     let digest = Sha256::digest(&canonical);
     let mut key = String::with_capacity(7 + 64);
     key.push_str("sha256:");
@@ -481,17 +513,29 @@ mod tests {
     }
 
     #[test]
-    fn null_id_keys_ignore_delivery_attempt_and_key_order() {
-        let a = br#"{"version":"1.0","event_name":"x.y","data":[],"webhook_id":"w","id":null,"delivery_attempt":1}"#;
-        let b = br#"{"delivery_attempt":3,"id":null,"webhook_id":"w","data":[],"event_name":"x.y","version":"1.0"}"#;
+    fn null_id_keys_ignore_dispatch_time_delivery_attempt_and_key_order() {
+        let a = br#"{"version":"1.0","event_name":"x.y","data":[{"a":1,"b":2}],"webhook_id":"w","id":null,"delivery_attempt":1,"timestamp":"2025-11-26T10:00:00Z"}"#;
+        let b = br#"{"delivery_attempt":3,"id":null,"webhook_id":"w","data":[{"b":2,"a":1}],"event_name":"x.y","version":"1.0","timestamp":"2025-11-26T10:00:05Z"}"#;
         let (ka, kb) = (
             decode(a, Utc::now()).unwrap().key,
             decode(b, Utc::now()).unwrap().key,
         );
         assert_eq!(ka, kb);
         assert!(ka.starts_with("sha256:"));
-        let c = br#"{"version":"1.0","event_name":"x.z","data":[],"webhook_id":"w","delivery_attempt":1}"#;
-        assert_ne!(decode(c, Utc::now()).unwrap().key, ka);
+        assert_eq!(
+            decode(a, Utc::now()).unwrap().key_source,
+            KeySource::ContentHash
+        );
+        let c = br#"{"version":"1.0","event_name":"x.z","data":[{"a":1,"b":2}],"webhook_id":"w","delivery_attempt":1}"#;
+        assert_ne!(decode(c, Utc::now()).unwrap().key, ka, "another event name");
+        let d = br#"{"version":"1.0","event_name":"x.y","data":[{"a":1,"b":3}],"webhook_id":"w"}"#;
+        assert_ne!(decode(d, Utc::now()).unwrap().key, ka, "other data");
+        let e = br#"{"version":"1.0","event_name":"x.y","data":[{"a":1,"b":2}],"webhook_id":"w","id":"evt_123"}"#;
+        let invalid = decode(e, Utc::now()).unwrap();
+        assert_eq!(
+            (invalid.key, invalid.key_source),
+            (ka, KeySource::InvalidId)
+        );
     }
 
     #[test]

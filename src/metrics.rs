@@ -10,6 +10,7 @@ use prometheus::{
 };
 
 use crate::alerts::AlertKind;
+use crate::envelope::KeySource;
 use crate::relay::Outcome as RelayOutcome;
 use crate::worker::Outcome as WorkerOutcome;
 
@@ -127,6 +128,7 @@ pub fn event_label(name: &str) -> &'static str {
 #[derive(Clone)]
 pub struct WorkerMetrics {
     pub events: IntCounterVec,
+    pub dedup_keys: IntCounterVec,
     pub batch_seconds: Histogram,
     pub batch_size: Histogram,
     pub event_lag: Histogram,
@@ -157,6 +159,23 @@ impl WorkerMetrics {
                 )
                 .unwrap(),
             ),
+            dedup_keys: {
+                let keys = register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "catena_worker_dedup_keys_total",
+                            "Decoded events by where their dedup key came from (envelope_id; content_hash when the id is missing; invalid_id when it is not a UUID)",
+                        ),
+                        &["source"],
+                    )
+                    .unwrap(),
+                );
+                for source in KeySource::ALL {
+                    keys.with_label_values(&[source.as_str()]);
+                }
+                keys
+            },
             batch_seconds: register(
                 registry,
                 Histogram::with_opts(

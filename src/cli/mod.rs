@@ -7,6 +7,7 @@ mod alerts;
 mod bench;
 mod dev;
 mod fleet;
+mod ignored;
 mod migrate;
 mod parked;
 mod relay;
@@ -56,6 +57,8 @@ enum Command {
     Fleet(fleet::Fleet),
     /// List open alerts, or resolve one by hand (the sinks are notified too).
     Alerts(alerts::Alerts),
+    /// List, or re-apply after an upgrade, the stored events whose names were not understood.
+    Ignored(ignored::Ignored),
     /// The measuring half of scripts/bench.sh: CPU snapshots, one JSON report per phase, the
     /// summary table.
     #[command(hide = true)]
@@ -76,6 +79,7 @@ impl Cli {
             Command::Parked(command) => command.run().await,
             Command::Fleet(command) => command.run().await,
             Command::Alerts(command) => command.run().await,
+            Command::Ignored(command) => command.run().await,
             Command::Bench(command) => command.run().await,
         }
     }

@@ -1,7 +1,7 @@
 //! Webhook secrets, selected by `X-Webhook-ID`.
 //!
 //! Catena has one secret per subscription and no overlap window on rotation, so an id may carry
-//! two secrets while the old one is retired; `*` is a catch-all for any id. Secrets are kept as
+//! two secrets while the old one is retired; `*` is the fallback for ids without an entry. Secrets are kept as
 //! bytes behind a type whose `Debug` never prints them.
 
 use std::collections::HashMap;
@@ -90,13 +90,13 @@ impl SecretStore {
         self.by_id.is_empty() && self.wildcard.is_empty()
     }
 
-    /// The candidate secrets for a webhook id: its own first, then the catch-all ones.
+    /// The candidate secrets for a webhook id: its own when it has any, else the catch-all
+    /// ones. `*` never widens an id that has secrets of its own (a leaked catch-all must not
+    /// forge deliveries for it), and an empty id matches nothing.
     pub fn candidates<'a>(&'a self, webhook_id: &str) -> impl Iterator<Item = &'a Secret> + 'a {
-        self.by_id
-            .get(webhook_id)
-            .into_iter()
-            .flatten()
-            .chain(self.wildcard.iter())
+        let own = self.by_id.get(webhook_id);
+        let fallback = (own.is_none() && !webhook_id.is_empty()).then_some(&self.wildcard);
+        own.into_iter().chain(fallback).flatten()
     }
 }
 
@@ -113,14 +113,24 @@ mod tests {
             .collect();
         assert_eq!(
             a,
-            vec![b"one".to_vec(), b"two".to_vec(), b"any=thing".to_vec()]
+            vec![b"one".to_vec(), b"two".to_vec()],
+            "no catch-all for a"
         );
         let b: Vec<_> = store
             .candidates("b")
             .map(|s| s.as_bytes().to_vec())
             .collect();
-        assert_eq!(b, vec![b"three".to_vec(), b"any=thing".to_vec()]);
-        assert_eq!(store.candidates("zzz").count(), 1);
+        assert_eq!(b, vec![b"three".to_vec()]);
+        let other: Vec<_> = store
+            .candidates("zzz")
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        assert_eq!(
+            other,
+            vec![b"any=thing".to_vec()],
+            "ids without an entry fall back"
+        );
+        assert_eq!(store.candidates("").count(), 0, "no id, no secret");
     }
 
     #[test]

@@ -196,4 +196,37 @@ mod tests {
             Err(Rejection::UnknownWebhook)
         );
     }
+
+    #[test]
+    fn the_catch_all_never_widens_an_id_with_a_secret_of_its_own() {
+        let store = SecretStore::parse("wh=own-secret-123,*=catch-all-123").unwrap();
+        let now = Utc::now();
+        let ts = now.to_rfc3339();
+        let by_catch_all = sign(b"catch-all-123", &ts, b"x");
+        assert_eq!(
+            verify(
+                &store,
+                headers(&ts, &by_catch_all),
+                b"x",
+                now,
+                Window::default()
+            ),
+            Err(Rejection::BadSignature),
+            "`wh` has its own secret"
+        );
+        let other = SignedHeaders {
+            webhook_id: Some("other"),
+            ..headers(&ts, &by_catch_all)
+        };
+        assert!(verify(&store, other, b"x", now, Window::default()).is_ok());
+        let anonymous = SignedHeaders {
+            webhook_id: None,
+            ..headers(&ts, &by_catch_all)
+        };
+        assert_eq!(
+            verify(&store, anonymous, b"x", now, Window::default()),
+            Err(Rejection::UnknownWebhook),
+            "no X-Webhook-ID, no secret"
+        );
+    }
 }

@@ -35,7 +35,9 @@ use crate::store::DbError;
 use crate::worker::Outcome;
 use locks::entity_locks;
 use plan::{Op, Plan, p};
-use sql::{ALERT_ROWS, ALERT_TIMELINES, ALERTS_REFRESH, DEDUP_INSERT, ENTITY_LOCKS};
+use sql::{
+    ALERT_ROWS, ALERT_TIMELINES, ALERTS_REFRESH, DEDUP_INSERT, ENTITY_LOCKS, IGNORED_EVENTS,
+};
 
 /// In debug builds, an event with this name panics the handler (see [`apply_batch`]).
 pub const TEST_PANIC_EVENT: &str = "catena-ingest.test-panic";
@@ -58,10 +60,12 @@ impl From<Applied> for Outcome {
     }
 }
 
-/// An event ready to apply, with the relay's receive time.
+/// An event ready to apply, with the relay's receive time and the body it came in.
 pub struct Incoming<'a> {
     pub event: &'a Event,
     pub received_at: Option<DateTime<Utc>>,
+    /// Kept for events this version ignores (see `ignored_events`).
+    pub body: &'a [u8],
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +156,7 @@ pub async fn apply_batch(
         .collect();
 
     let mut plan = Plan::default();
+    let mut ignored: Vec<usize> = Vec::new();
     for &i in &unique {
         let event = batch[i].event;
         if !fresh.contains(&event.key) {
@@ -159,10 +164,24 @@ pub async fn apply_batch(
         }
         if event.change == Change::Ignored {
             result.applied[i] = Applied::Ignored;
+            ignored.push(i);
             continue;
         }
         result.applied[i] = Applied::Applied;
         plan.add(event);
+    }
+    if !ignored.is_empty() {
+        let keep = tx.prepare_cached(IGNORED_EVENTS).await?;
+        let keys: Vec<&str> = ignored
+            .iter()
+            .map(|&i| batch[i].event.key.as_str())
+            .collect();
+        let names: Vec<&str> = ignored
+            .iter()
+            .map(|&i| batch[i].event.event_name.as_str())
+            .collect();
+        let bodies: Vec<&[u8]> = ignored.iter().map(|&i| batch[i].body).collect();
+        tx.execute(&keep, &[&keys, &names, &bodies]).await?;
     }
     if plan.is_empty() {
         return Ok(result);

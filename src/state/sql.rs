@@ -298,6 +298,12 @@ UPDATE fleets f SET fleet_ref = i.fleet_ref
 FROM invitations i
 WHERE f.fleet_ref IS NULL AND i.invitation_id = f.invitation_id AND i.fleet_ref IS NOT NULL";
 
+/// The bodies of events this version ignores, for a later version to apply.
+pub(super) const IGNORED_EVENTS: &str = "
+INSERT INTO ignored_events (event_key, event_name, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
+ON CONFLICT DO NOTHING";
+
 pub(super) const DEDUP_INSERT: &str = "
 INSERT INTO webhook_events (event_key, event_id, event_name, webhook_id, event_time, outcome, received_at, fleet_id)
 SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::timestamptz[], $8::uuid[])

@@ -32,6 +32,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "order_independent_state",
         include_str!("../../migrations/0006_order_independent_state.sql"),
     ),
+    (
+        7,
+        "ignored_events",
+        include_str!("../../migrations/0007_ignored_events.sql"),
+    ),
 ];
 
 /// Serialises concurrent `migrate` runs (any 64-bit constant unique to this app).

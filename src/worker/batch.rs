@@ -72,7 +72,13 @@ pub async fn process(ctx: &Arc<Context>, deliveries: &[Delivery]) -> Vec<Disposi
     let mut valid = Vec::with_capacity(messages.len());
     for (i, message) in messages.iter().enumerate() {
         match &message.decoded {
-            Ok(_) => valid.push(i),
+            Ok(event) => {
+                ctx.metrics
+                    .dedup_keys
+                    .with_label_values(&[event.key_source.as_str()])
+                    .inc();
+                valid.push(i);
+            }
             Err(error) => {
                 let reason = match error {
                     DecodeError::UnsupportedVersion(_) => ParkReason::UnsupportedVersion,
@@ -175,6 +181,7 @@ async fn attempt(ctx: &Context, messages: &[Message<'_>], indexes: &[usize]) -> 
             .map(|&i| Incoming {
                 event: event_of(&messages[i]),
                 received_at: messages[i].received_at,
+                body: &messages[i].delivery.data,
             })
             .collect();
         let result = state::apply_batch(&tx, &incoming, &ctx.rules).await?;

@@ -323,3 +323,87 @@ proptest! {
         });
     }
 }
+
+/// Unknown event names are kept with their bodies, and a version that understands them can
+/// apply them later, although their dedup keys were already taken.
+#[tokio::test]
+async fn ignored_events_keep_their_bodies_and_can_be_reapplied() {
+    use catena_ingest::config::Rules;
+    use catena_ingest::ops::ignored;
+    let db = TestDb::fresh("ignored").await;
+    let unknown = br#"{"version":"1.1","event_name":"vehicle.added","id":"01a00000-0000-7000-8000-0000000000aa","webhook_id":"w","data":[{"id":"x"}]}"#.to_vec();
+    assert_eq!(
+        db.apply(std::slice::from_ref(&unknown)).await,
+        [Applied::Ignored]
+    );
+    let client = db.client().await;
+    let kept: Vec<u8> = client
+        .query_one("SELECT body FROM ignored_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, unknown, "the body as it came");
+
+    // What an older version, which did not know connection.created, left behind.
+    let created = fixture("events/05-connection.created.json");
+    let key: String = serde_json::from_slice::<serde_json::Value>(&created).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    client
+        .execute(
+            "INSERT INTO webhook_events (event_key, event_name, outcome) VALUES ($1, 'connection.created', 'ignored')",
+            &[&key],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO ignored_events (event_key, event_name, body) VALUES ($1, 'connection.created', $2)",
+            &[&key, &created],
+        )
+        .await
+        .unwrap();
+    assert_eq!(db.count("SELECT count(*) FROM connections").await, 0);
+    assert_eq!(
+        db.apply(std::slice::from_ref(&created)).await,
+        [Applied::Duplicate],
+        "its key is taken: a redelivery alone cannot apply it"
+    );
+
+    let rules = Rules::default();
+    let dry = ignored::reapply(&db.url, None, 100, &rules, true)
+        .await
+        .unwrap();
+    assert_eq!((dry.examined, dry.applied, dry.still_ignored), (2, 1, 1));
+    assert_eq!(
+        db.count("SELECT count(*) FROM connections").await,
+        0,
+        "dry run"
+    );
+    let done = ignored::reapply(&db.url, None, 100, &rules, false)
+        .await
+        .unwrap();
+    assert_eq!((done.examined, done.applied, done.still_ignored), (2, 1, 1));
+    assert_eq!(db.count("SELECT count(*) FROM connections").await, 1);
+    assert_eq!(
+        db.row(&format!(
+            "SELECT outcome FROM webhook_events WHERE event_key = '{key}'"
+        ))
+        .await,
+        ["applied"]
+    );
+    assert_eq!(
+        db.row("SELECT event_name FROM ignored_events").await,
+        ["vehicle.added"],
+        "what is still unknown stays"
+    );
+    let again = ignored::reapply(&db.url, None, 100, &rules, false)
+        .await
+        .unwrap();
+    assert_eq!(again.applied, 0, "nothing is applied twice");
+    assert_eq!(
+        db.apply(std::slice::from_ref(&created)).await,
+        [Applied::Duplicate]
+    );
+}

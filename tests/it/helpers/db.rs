@@ -200,9 +200,11 @@ impl TestDb {
                 .collect();
             let incoming: Vec<_> = events
                 .iter()
-                .map(|event| Incoming {
+                .zip(bodies)
+                .map(|(event, body)| Incoming {
                     event,
                     received_at: None,
+                    body,
                 })
                 .collect();
             let tx = client.transaction().await.unwrap();
