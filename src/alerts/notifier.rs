@@ -30,6 +30,10 @@ fn sinks(config: &NotifierSettings) -> Vec<Sink> {
     sinks
 }
 
+/// How long one claim may spend delivering before it commits (well under the 60 s
+/// `idle_in_transaction_session_timeout` of `deploy/sql/least-privilege.sql`).
+const CLAIM_TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serialises re-firing across replicas (transaction-scoped advisory lock).
 const REFIRE_LOCK: i64 = 0x6361_7465_6e61_0002;
 
@@ -132,7 +136,15 @@ pub async fn deliver_pending(
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let rows = tx.query(CLAIM, &[&batch]).await?;
+    let started = std::time::Instant::now();
+    let mut handled = 0;
     for row in &rows {
+        // Slow sinks must not keep this transaction open past the role's
+        // idle_in_transaction_session_timeout: rows not reached stay due for the next round.
+        if started.elapsed() > CLAIM_TIME_BUDGET {
+            break;
+        }
+        handled += 1;
         let id: i64 = row.get("id");
         let attempts: i32 = row.get("attempts");
         let mut delivered: Vec<String> = row.get("delivered_sinks");
@@ -186,7 +198,7 @@ pub async fn deliver_pending(
         }
     }
     tx.commit().await?;
-    Ok(rows.len())
+    Ok(handled)
 }
 
 /// Keep open alerts firing in Alertmanager (it resolves anything not re-sent within its
@@ -195,37 +207,48 @@ async fn refire_open(pool: &Pool, sinks: &[Sink], metrics: &WorkerMetrics) -> Re
     let Some(alertmanager) = sinks.iter().find(|s| s.name() == "alertmanager") else {
         return Ok(());
     };
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let locked: bool = tx
-        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&REFIRE_LOCK])
-        .await?
-        .get(0);
-    if !locked {
+    // Read in a short transaction; send after it ends. A transaction held open while
+    // Alertmanager answers could outlive `idle_in_transaction_session_timeout` (the shipped
+    // role sets 60 s) and be killed. The lock only keeps replicas from reading at once; a rare
+    // double send is harmless (Alertmanager merges alerts with the same labels).
+    let notifications: Vec<Notification> = {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&REFIRE_LOCK])
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT {ALERT_COLUMNS},
+                (SELECT i.magic_link FROM invitations i
+                  WHERE alerts.kind = 'connection_stale' AND alerts.fleet_id IS NOT NULL AND i.fleet_id = alerts.fleet_id
+                  ORDER BY i.updated_at DESC LIMIT 1) AS magic_link
+             FROM alerts WHERE state = 'open'
+               AND NOT EXISTS (SELECT 1 FROM alert_outbox o WHERE o.alert_id = alerts.alert_id AND o.delivered_at IS NULL)"
+        );
+        let rows = tx.query(&sql, &[]).await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| Notification::Firing {
+                alert: Alert::from_row(row),
+                reauth_link: row.get("magic_link"),
+            })
+            .collect()
+    };
+    if notifications.is_empty() {
         return Ok(());
     }
-    let sql = format!(
-        "SELECT {ALERT_COLUMNS},
-            (SELECT i.magic_link FROM invitations i
-              WHERE alerts.kind = 'connection_stale' AND alerts.fleet_id IS NOT NULL AND i.fleet_id = alerts.fleet_id
-              ORDER BY i.updated_at DESC LIMIT 1) AS magic_link
-         FROM alerts WHERE state = 'open'
-           AND NOT EXISTS (SELECT 1 FROM alert_outbox o WHERE o.alert_id = alerts.alert_id AND o.delivered_at IS NULL)"
-    );
-    for row in tx.query(&sql, &[]).await? {
-        let notification = Notification::Firing {
-            alert: Alert::from_row(&row),
-            reauth_link: row.get("magic_link"),
-        };
-        let outcome = match alertmanager.send(0, &notification).await {
-            Ok(()) => "delivered",
-            Err(_) => "failed",
-        };
-        metrics
-            .notifications
-            .with_label_values(&["alertmanager", outcome])
-            .inc();
-    }
-    tx.commit().await?;
+    // One request for all of them: Alertmanager's API takes an array.
+    let outcome = match alertmanager.send_alertmanager_batch(&notifications).await {
+        Ok(()) => "delivered",
+        Err(_) => "failed",
+    };
+    metrics
+        .notifications
+        .with_label_values(&["alertmanager", outcome])
+        .inc_by(notifications.len() as u64);
     Ok(())
 }

@@ -79,17 +79,39 @@ impl Sink {
             }
             Sink::Webhook { client, url } => (client, url, webhook_body(outbox_id, notification)),
         };
-        let response = client
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| SinkError::Transport(describe(&e)))?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(SinkError::Status(response.status().as_u16()))
-        }
+        post(client, url, &body).await
+    }
+}
+
+impl Sink {
+    /// Many notifications in one Alertmanager request (its API takes an array); other sinks
+    /// take them one at a time.
+    pub async fn send_alertmanager_batch(
+        &self,
+        notifications: &[Notification],
+    ) -> Result<(), SinkError> {
+        let Sink::Alertmanager { client, url } = self else {
+            for notification in notifications {
+                self.send(0, notification).await?;
+            }
+            return Ok(());
+        };
+        let body: Value = notifications.iter().map(alertmanager_alert).collect();
+        post(client, url, &body).await
+    }
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &Value) -> Result<(), SinkError> {
+    let response = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| SinkError::Transport(describe(&e)))?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(SinkError::Status(response.status().as_u16()))
     }
 }
 

@@ -4,11 +4,10 @@
 //! (re)connects with exponential backoff and re-declares the topology. `is_ready` drives
 //! `/readyz`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
@@ -16,7 +15,7 @@ use tokio::sync::Notify;
 
 use super::connect;
 use super::topology::{self, Names};
-use crate::retry::{next_wait, reconnect_backoff};
+use crate::retry::Reconnect;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +35,16 @@ pub enum PublishError {
 struct Session {
     connection: Connection,
     channels: Vec<Channel>,
+    /// Set when a confirm never came: the connection may still look connected (a black-holed
+    /// broker), but this session is done.
+    broken: AtomicBool,
 }
 
 impl Session {
     fn healthy(&self) -> bool {
-        self.connection.status().connected() && self.channels.iter().all(|c| c.status().connected())
+        !self.broken.load(Ordering::Relaxed)
+            && self.connection.status().connected()
+            && self.channels.iter().all(|c| c.status().connected())
     }
 }
 
@@ -156,7 +160,11 @@ impl Publisher {
         })
         .await;
         match outcome {
-            Err(_) => Err(PublishError::ConfirmTimeout(deadline)),
+            Err(_) => {
+                session.broken.store(true, Ordering::Relaxed);
+                self.inner.broken.notify_one();
+                Err(PublishError::ConfirmTimeout(deadline))
+            }
             Ok(Err(e)) => {
                 self.inner.broken.notify_one();
                 Err(PublishError::Broker(e))
@@ -185,19 +193,20 @@ async fn open_session(inner: &Inner) -> lapin::Result<Session> {
     Ok(Session {
         connection,
         channels,
+        broken: AtomicBool::new(false),
     })
 }
 
 async fn supervise(inner: Arc<Inner>, shutdown: Shutdown) {
-    let mut backoff = reconnect_backoff();
+    let mut pacing = Reconnect::default();
     loop {
         let attempt = tokio::select! {
             _ = shutdown.wait() => break,
             s = open_session(&inner) => s,
         };
-        match attempt {
+        let wait = match attempt {
             Ok(session) => {
-                backoff.reset();
+                pacing.up();
                 tracing::info!(connection = %inner.conn_name, "broker session ready");
                 let session = Arc::new(session);
                 *inner.session.write().expect("session lock poisoned") = Some(session.clone());
@@ -217,17 +226,27 @@ async fn supervise(inner: Arc<Inner>, shutdown: Shutdown) {
                     let _ = session.connection.close(200, "shutdown".into()).await;
                     break;
                 }
-                tracing::warn!(connection = %inner.conn_name, "broker session lost, reconnecting");
-                let _ = session.connection.close(320, "reconnecting".into()).await;
+                let wait = pacing.down();
+                tracing::warn!(connection = %inner.conn_name, retry_in = ?wait, "broker session lost, reconnecting");
+                // A black-holed broker never answers the close: do not wait for it.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        session.connection.close(320, "reconnecting".into()),
+                    )
+                    .await;
+                });
+                wait
             }
             Err(error) => {
-                let wait = next_wait(&mut backoff);
+                let wait = pacing.down();
                 tracing::warn!(%error, retry_in = ?wait, "broker connect failed");
-                tokio::select! {
-                    _ = shutdown.wait() => break,
-                    _ = tokio::time::sleep(wait) => {}
-                }
+                wait
             }
+        };
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

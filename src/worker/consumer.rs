@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use backoff::backoff::Backoff;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -14,7 +14,7 @@ use lapin::{Channel, Connection, Consumer};
 use super::batch::{self, Context, Disposition};
 use super::{Health, WorkerConfig};
 use crate::broker;
-use crate::retry::{next_wait, reconnect_backoff};
+use crate::retry::Reconnect;
 use crate::shutdown::Shutdown;
 
 async fn open_consumer(
@@ -125,12 +125,12 @@ pub(super) async fn consume(
     ctx: Arc<Context>,
     health: Arc<Health>,
 ) {
-    let mut backoff = reconnect_backoff();
+    let mut pacing = Reconnect::default();
     while !ctx.shutdown.is_triggered() {
         let (connection, channel, mut consumer) = match open_consumer(&config, index).await {
             Ok(opened) => opened,
             Err(error) => {
-                let wait = next_wait(&mut backoff);
+                let wait = pacing.down();
                 tracing::warn!(consumer = index, %error, retry_in = ?wait, "cannot consume, retrying");
                 tokio::select! {
                     _ = ctx.shutdown.wait() => break,
@@ -138,7 +138,7 @@ pub(super) async fn consume(
                 }
             }
         };
-        backoff.reset();
+        pacing.up();
         health.consuming.fetch_add(1, Ordering::Relaxed);
         tracing::info!(consumer = index, queue = %config.broker.names().events_queue, "consuming");
         loop {
@@ -158,7 +158,20 @@ pub(super) async fn consume(
         }
         health.consuming.fetch_sub(1, Ordering::Relaxed);
         // Unacked prefetched messages return to the queue when the channel closes.
-        let _ = connection.close(200, "consumer stopping".into()).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            connection.close(200, "consumer stopping".into()),
+        )
+        .await;
+        if ctx.shutdown.is_triggered() {
+            break;
+        }
+        let wait = pacing.down();
+        tracing::warn!(consumer = index, retry_in = ?wait, "consumer lost, reconnecting");
+        tokio::select! {
+            _ = ctx.shutdown.wait() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
     tracing::info!(consumer = index, "consumer stopped");
 }

@@ -334,3 +334,36 @@ async fn no_secret_token_or_magic_link_in_any_log_line() {
     }
     p.stop().await;
 }
+
+/// Open alerts are re-sent to Alertmanager in one request, not one per alert.
+#[tokio::test]
+async fn open_alerts_are_refired_in_one_request() {
+    let am = RecordingSink::alertmanager().await;
+    let p = TestPipeline::builder("refire")
+        .relay()
+        .worker_config(|config| {
+            config.worker.notifier = fast_notifier(Some(&am.url), None);
+            config.worker.notifier.refire_interval = Duration::from_millis(300);
+        })
+        .start()
+        .await;
+    let staled = fixture("events/09-connection.staled.json");
+    for n in 0..3 {
+        let mut envelope: serde_json::Value = serde_json::from_slice(&staled).unwrap();
+        envelope["id"] = format!("01a00000-0000-7000-8000-00000000000{n}").into();
+        envelope["data"][0]["id"] = format!("6b0d549b-6f03-475a-9600-a35a0999500{n}").into();
+        assert_eq!(p.send(&serde_json::to_vec(&envelope).unwrap()).await, 202);
+    }
+    let refired = wait_until(Duration::from_secs(20), || async {
+        am.bodies()
+            .iter()
+            .any(|b| b.as_array().is_some_and(|alerts| alerts.len() == 3))
+    })
+    .await;
+    assert!(
+        refired,
+        "one request carries the 3 open alerts: {:#?}",
+        am.bodies()
+    );
+    p.stop().await;
+}

@@ -221,6 +221,46 @@ async fn broker_cut_means_503_then_recovery_without_restart() {
     p.stop().await;
 }
 
+/// A black-holed broker (connections open, nothing answered): the confirm times out with a
+/// 503, and that marks the session broken, so /readyz says so instead of staying green.
+#[tokio::test]
+async fn a_black_holed_broker_turns_the_relay_not_ready() {
+    let p = relay_only("relay_hole")
+        .relay_via_broker_proxy()
+        .relay_config(|config| config.relay.confirm_timeout = Duration::from_millis(500))
+        .relay()
+        .start()
+        .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let (url, ready) = (p.relay_url(), p.relay_endpoint("/readyz"));
+    let body = fixture("events/05-connection.created.json");
+    assert_eq!(Post::new(&body).send(&client, &url).await, 202);
+
+    p.broker_proxy().black_hole();
+    assert_eq!(Post::new(&body).send(&client, &url).await, 503);
+    let noticed = Instant::now();
+    let not_ready = wait_until(Duration::from_secs(5), || async {
+        client.get(&ready).send().await.unwrap().status().as_u16() == 503
+    })
+    .await;
+    assert!(not_ready, "a confirm timeout means the session is broken");
+    eprintln!(
+        "black hole noticed {:?} after the first timeout",
+        noticed.elapsed()
+    );
+
+    p.broker_proxy().restore();
+    let recovered = wait_until(Duration::from_secs(20), || async {
+        Post::new(&body).send(&client, &url).await == 202
+    })
+    .await;
+    assert!(recovered, "a new session once the broker answers again");
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

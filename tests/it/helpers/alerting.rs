@@ -89,12 +89,24 @@ pub struct RecordingSink {
 }
 
 impl RecordingSink {
+    /// A JSON webhook sink at `<url>` (`/hook`).
     pub async fn start() -> Self {
+        Self::serving("/hook").await
+    }
+
+    /// Something shaped like Alertmanager's API (`<url>/api/v2/alerts`); `url` is its base.
+    pub async fn alertmanager() -> Self {
+        let mut sink = Self::serving("/api/v2/alerts").await;
+        sink.url = sink.url.trim_end_matches("/api/v2/alerts").to_owned();
+        sink
+    }
+
+    async fn serving(path: &str) -> Self {
         let received = Arc::new(Mutex::new(Vec::new()));
         let up = Arc::new(AtomicBool::new(true));
         let (r, u) = (received.clone(), up.clone());
         let app = axum::Router::new().route(
-            "/hook",
+            path,
             axum::routing::post(move |body: bytes::Bytes| {
                 let (r, u) = (r.clone(), u.clone());
                 async move {
@@ -109,7 +121,7 @@ impl RecordingSink {
             }),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let url = format!("http://{}{path}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { url, received, up }
     }
