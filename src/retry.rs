@@ -10,8 +10,12 @@ pub const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Exponential backoff for reconnect loops: 100 ms doubling to 5 s, forever.
 pub fn reconnect_backoff() -> ExponentialBackoff {
+    let initial = Duration::from_millis(100);
     ExponentialBackoff {
-        initial_interval: Duration::from_millis(100),
+        // The crate starts from `current_interval` (its default is 500 ms), not from
+        // `initial_interval`, until the first reset.
+        current_interval: initial,
+        initial_interval: initial,
         max_interval: MAX_RECONNECT_INTERVAL,
         max_elapsed_time: None,
         ..Default::default()
