@@ -192,6 +192,7 @@ pub fn park_properties(
                 ATTEMPTS,
                 AMQPValue::LongLongInt(attempts(properties) as i64 + 1),
             ),
+            (PARK_ID, long_string(&uuid::Uuid::new_v4().to_string())),
         ],
     )
 }
@@ -365,6 +366,12 @@ mod tests {
         );
         assert_eq!(header_str(&parked, PARK_DETAIL).unwrap().len(), 512);
         assert_eq!(header_text(&parked, ATTEMPTS).as_deref(), Some("3"));
+        let again = park_properties(&retried, "k", ParkReason::Rejected, "d", Utc::now());
+        assert_ne!(
+            header_str(&parked, PARK_ID),
+            header_str(&again, PARK_ID),
+            "each parked copy has an id of its own"
+        );
 
         let replayed = replay_properties(&parked, Utc::now());
         assert_eq!(attempts(&replayed), 0);
