@@ -236,6 +236,11 @@ pub struct WorkerSettings {
     #[arg(long, env = "WORKER_BATCH_WAIT", default_value = "2ms", value_parser = parse_duration)]
     pub batch_wait: Duration,
 
+    /// The longest one batch attempt may take before its connection is dropped and the attempt
+    /// counts as failed (a black-holed or wedged database must not hold a worker for good).
+    #[arg(long, env = "WORKER_BATCH_DEADLINE", default_value = "60s", value_parser = parse_duration)]
+    pub batch_deadline: Duration,
+
     /// On SIGTERM, how long in-flight batches get to commit and ack before the process exits.
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

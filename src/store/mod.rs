@@ -21,6 +21,9 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// The work did not finish in time; its connection was dropped.
+    #[error("database work did not finish within {0:?}; its connection was dropped")]
+    Deadline(Duration),
 }
 
 /// A PostgreSQL error without DETAIL/HINT, which can quote row values (magic links, tokens).
@@ -46,7 +49,7 @@ impl DbError {
     pub fn classify(&self) -> Failure {
         match self {
             DbError::Config(_) => Failure::Permanent,
-            DbError::Pool(_) => Failure::Unavailable,
+            DbError::Pool(_) | DbError::Deadline(_) => Failure::Unavailable,
             DbError::Postgres(e) => classify_pg(e),
         }
     }
@@ -57,6 +60,11 @@ fn classify_pg(error: &tokio_postgres::Error) -> Failure {
         // No SQLSTATE: I/O, closed connection, protocol trouble.
         return Failure::Unavailable;
     };
+    // A statement cancelled by `statement_timeout` (57014) is about this work, not about the
+    // server: it is worth retrying later, and isolating the batch finds what is slow.
+    if *code == SqlState::QUERY_CANCELED {
+        return Failure::Transient;
+    }
     let class = &code.code()[..2];
     match class {
         "08" | "57" => Failure::Unavailable, // connection exception, operator intervention
@@ -87,12 +95,40 @@ pub(crate) async fn connect(
     })
 }
 
+/// How quickly a dead peer is noticed on an idle or a busy connection: keepalive probes after
+/// 10 s idle, every 5 s, 3 of them; unacknowledged data for 10 s. Without them a black-holed
+/// PostgreSQL holds a connection for the kernel's ~15 minutes of retransmits.
+fn detect_dead_peers(config: &mut tokio_postgres::Config) {
+    config
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(10));
+}
+
+/// Whether the server answers `SELECT 1` on a fresh connection within `timeout`: tells "the
+/// database is down" from "this work fails" when a batch's connection broke.
+pub async fn probe(database_url: &str, timeout: Duration) -> bool {
+    let work = async {
+        let mut target = target(database_url)?;
+        target.config.connect_timeout(timeout);
+        let (client, driver) = connect(target).await?;
+        client.simple_query("SELECT 1").await?;
+        drop(client);
+        let _ = driver.await;
+        Ok::<_, DbError>(())
+    };
+    matches!(tokio::time::timeout(timeout, work).await, Ok(Ok(())))
+}
+
 /// A pool whose connections are checked before reuse, so a restarted server is noticed.
 pub fn pool(database_url: &str, size: usize) -> Result<Pool, DbError> {
     let target = target(database_url)?;
     let mut config = target.config;
     config.application_name("catena-ingest");
-    config.connect_timeout(Duration::from_secs(5));
+    detect_dead_peers(&mut config);
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     };

@@ -23,7 +23,7 @@ use crate::metrics::WorkerMetrics;
 use crate::retry::{next_wait, reconnect_backoff};
 use crate::shutdown::Shutdown;
 use crate::state::{self, Applied, BatchResult, Incoming};
-use crate::store::{DbError, Failure};
+use crate::store::{self, DbError, Failure};
 
 /// What to do with a delivery once the batch is through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,10 @@ pub struct Context {
     /// False while the database is unreachable (drives /readyz).
     pub db_ok: std::sync::atomic::AtomicBool,
     pub rules: crate::state::Rules,
+    /// For the probe that tells a database outage from a failing batch.
+    pub database_url: String,
+    /// The longest one batch attempt may take.
+    pub batch_deadline: Duration,
 }
 
 struct Message<'a> {
@@ -171,10 +175,15 @@ enum Attempt {
     Panicked,
 }
 
-/// One transaction over `indexes`, with panics caught so a poison message cannot kill the loop.
+/// One transaction over `indexes`, with panics caught so a poison message cannot kill the loop,
+/// bounded by the batch deadline: on expiry the connection is taken out of the pool and
+/// dropped (a query stuck on a black-holed server would block whoever used it next).
 async fn attempt(ctx: &Context, messages: &[Message<'_>], indexes: &[usize]) -> Attempt {
+    let mut client = match ctx.pool.get().await {
+        Ok(client) => client,
+        Err(error) => return Attempt::Failed(error.into()),
+    };
     let work = async {
-        let mut client = ctx.pool.get().await?;
         let tx = client.transaction().await?;
         let incoming: Vec<Incoming<'_>> = indexes
             .iter()
@@ -188,12 +197,39 @@ async fn attempt(ctx: &Context, messages: &[Message<'_>], indexes: &[usize]) -> 
         tx.commit().await?;
         Ok::<_, DbError>(result)
     };
-    match AssertUnwindSafe(work).catch_unwind().await {
-        Ok(Ok(result)) => Attempt::Done(result),
-        Ok(Err(error)) => Attempt::Failed(error),
-        Err(_) => Attempt::Panicked,
+    let outcome =
+        tokio::time::timeout(ctx.batch_deadline, AssertUnwindSafe(work).catch_unwind()).await;
+    match outcome {
+        Ok(Ok(Ok(result))) => Attempt::Done(result),
+        Ok(Ok(Err(error))) => Attempt::Failed(error),
+        Ok(Err(_)) => Attempt::Panicked,
+        Err(_) => {
+            drop(deadpool_postgres::Object::take(client));
+            Attempt::Failed(DbError::Deadline(ctx.batch_deadline))
+        }
     }
 }
+
+/// How often work may fail as "database unavailable" while the database itself answers before
+/// it counts as the work's own fault (and goes the transient way: isolate, retry tier).
+const UNAVAILABLE_WITH_DATABASE_UP: u32 = 3;
+
+/// A failure classified `Unavailable` is only the database's fault if the database is really
+/// away: a batch whose statement kills its connection would otherwise be re-run forever.
+/// Returns the failure to act on, counting `strikes` when the database answered.
+async fn confirm_unavailable(ctx: &Context, strikes: &mut u32) -> Failure {
+    if !store::probe(&ctx.database_url, PROBE_TIMEOUT).await {
+        return Failure::Unavailable;
+    }
+    *strikes += 1;
+    if *strikes >= UNAVAILABLE_WITH_DATABASE_UP {
+        Failure::Transient
+    } else {
+        Failure::Unavailable
+    }
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn record_success(
     ctx: &Context,
@@ -220,6 +256,14 @@ fn record_success(
 
 const TRANSIENT_BATCH_RETRIES: u32 = 2;
 
+/// The failure's class, with "unavailable" checked against the database itself.
+async fn classify(ctx: &Context, error: &DbError, strikes: &mut u32) -> Failure {
+    match error.classify() {
+        Failure::Unavailable => confirm_unavailable(ctx, strikes).await,
+        other => other,
+    }
+}
+
 async fn apply_valid(
     ctx: &Arc<Context>,
     messages: &[Message<'_>],
@@ -228,6 +272,7 @@ async fn apply_valid(
 ) {
     let mut unavailable = reconnect_backoff();
     let mut transient_failures = 0;
+    let mut strikes = 0;
     loop {
         match attempt(ctx, messages, valid).await {
             Attempt::Done(result) => {
@@ -235,7 +280,7 @@ async fn apply_valid(
                 record_success(ctx, messages, valid, &result);
                 return;
             }
-            Attempt::Failed(error) => match error.classify() {
+            Attempt::Failed(error) => match classify(ctx, &error, &mut strikes).await {
                 Failure::Unavailable => {
                     ctx.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
                     let wait = next_wait(&mut unavailable);
@@ -282,6 +327,7 @@ async fn one_by_one(
 ) {
     for &i in valid {
         let mut unavailable = reconnect_backoff();
+        let mut strikes = 0;
         loop {
             match attempt(ctx, messages, &[i]).await {
                 Attempt::Done(result) => {
@@ -297,7 +343,7 @@ async fn one_by_one(
                     )
                     .await;
                 }
-                Attempt::Failed(error) => match error.classify() {
+                Attempt::Failed(error) => match classify(ctx, &error, &mut strikes).await {
                     Failure::Unavailable => {
                         ctx.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
                         let wait = next_wait(&mut unavailable);

@@ -113,6 +113,8 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
         shutdown: shutdown.clone(),
         db_ok: AtomicBool::new(true),
         rules: settings.rules,
+        database_url: config.database.database_url.clone(),
+        batch_deadline: settings.batch_deadline,
     });
     let health = Arc::new(Health {
         ctx: ctx.clone(),

@@ -2,7 +2,7 @@
 //! TCP proxies the tests own. After recovery every event is applied exactly once and no valid
 //! message is parked.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::helpers::http::http_status;
 use crate::helpers::*;
@@ -97,5 +97,104 @@ async fn broker_cut_under_the_worker_recovers_without_loss() {
     p.assert_converged(events.len(), Duration::from_secs(120))
         .await;
     assert_eq!(p.parked_len().await, 0, "no valid message parked");
+    p.stop().await;
+}
+
+/// Sum of `catena_worker_events_total` for one outcome.
+fn events_with_outcome(metrics: &str, outcome: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("catena_worker_events_total")
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// A statement cancelled by `statement_timeout` (SQLSTATE 57014) is the batch's trouble, not a
+/// database outage: the batch is isolated and sent through a retry tier instead of being re-run
+/// in place forever, and everything applies once the slow spell is over.
+#[tokio::test]
+async fn a_statement_timeout_sends_the_work_to_a_retry_tier() {
+    let events = scenario(20, 31);
+    let mut p = TestPipeline::builder("stmt_timeout")
+        .reference(&events)
+        .relay()
+        .start()
+        .await;
+    let admin = p.db().client().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET statement_timeout = '300ms'",
+            p.db().name
+        ))
+        .await
+        .unwrap();
+    // Something slow holds a lock every upsert of a connection needs.
+    let blocker = p.db().client().await;
+    blocker
+        .batch_execute(
+            "SET statement_timeout = 0; BEGIN; LOCK TABLE connections IN ACCESS EXCLUSIVE MODE",
+        )
+        .await
+        .unwrap();
+    p.start_worker().await;
+    let report = p.send_deliveries(&events, &in_order(&events), 8).await;
+    assert_eq!(report.accepted as usize, events.len());
+    let retried = wait_until(Duration::from_secs(20), || async {
+        events_with_outcome(&p.worker_registry_text(), "retried") > 0
+    })
+    .await;
+    assert!(retried, "cancelled statements go to a retry tier");
+    blocker.batch_execute("COMMIT").await.unwrap();
+
+    p.assert_converged(events.len(), Duration::from_secs(120))
+        .await;
+    assert_eq!(p.parked_len().await, 0, "no valid message parked");
+    p.stop().await;
+}
+
+/// A black-holed PostgreSQL (connections open, nothing answered) is noticed within the batch
+/// deadline: the connection is dropped, the probe fails, the worker reports not ready, and
+/// once the database answers again everything applies exactly once.
+#[tokio::test]
+async fn a_black_holed_database_is_noticed_within_the_batch_deadline() {
+    let events = scenario(150, 32);
+    let p = TestPipeline::builder("pghole")
+        .reference(&events)
+        .relay()
+        .worker_via_db_proxy()
+        .worker_config(|config| {
+            config.worker.batch_size = 50;
+            config.worker.batch_deadline = Duration::from_secs(2);
+        })
+        .start()
+        .await;
+    let ready = p.worker_endpoint("/readyz");
+    let send = p.spawn_deliveries(&events, &in_order(&events), 8);
+    p.wait_for_applied(300, Duration::from_secs(60)).await;
+    p.db_proxy().black_hole();
+    let holed = Instant::now();
+    let noticed = wait_until(Duration::from_secs(20), || async {
+        http_status(&ready).await == 503
+    })
+    .await;
+    let detection = holed.elapsed();
+    assert!(noticed, "not ready within 20 s of the black hole");
+    eprintln!("black-holed database noticed after {detection:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    p.db_proxy().restore();
+
+    assert_eq!(send.await.unwrap().accepted as usize, events.len());
+    p.assert_converged(events.len(), Duration::from_secs(120))
+        .await;
+    assert_eq!(p.parked_len().await, 0, "no valid message parked");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            http_status(&ready).await == 200
+        })
+        .await
+    );
     p.stop().await;
 }

@@ -80,8 +80,13 @@ async fn poison_messages_are_parked_with_a_reason_and_the_worker_goes_on() {
         assert_eq!(message.headers["x-catena-ingest-attempts"], "1");
         assert!(!message.headers["x-park-detail"].is_empty());
     }
-    let ids: std::collections::BTreeSet<_> = parked.iter().map(|m| &m.headers["x-park-id"]).collect();
-    assert_eq!(ids.len(), parked.len(), "each parked copy can be named alone");
+    let ids: std::collections::BTreeSet<_> =
+        parked.iter().map(|m| &m.headers["x-park-id"]).collect();
+    assert_eq!(
+        ids.len(),
+        parked.len(),
+        "each parked copy can be named alone"
+    );
     p.stop().await;
 }
 
