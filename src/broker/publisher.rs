@@ -179,9 +179,7 @@ impl Publisher {
 
 async fn open_session(inner: &Inner) -> lapin::Result<Session> {
     let connection = connect(&inner.url, &inner.conn_name).await?;
-    let setup = connection.create_channel().await?;
-    topology::declare(&setup, &inner.names).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
+    topology::declare(&connection, &inner.names).await?;
     let mut channels = Vec::with_capacity(inner.channel_count);
     for _ in 0..inner.channel_count {
         let channel = connection.create_channel().await?;

@@ -11,7 +11,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use std::time::Duration;
 
 /// Retry delays, in order; a message that failed `attempt` times goes to tier `attempt - 1`.
@@ -22,8 +22,12 @@ pub const RETRY_TIERS: [Duration; 4] = [
     Duration::from_secs(1800),
 ];
 
-/// Deliveries of one message before the broker parks it (a worker crash-loop guard).
-pub const DELIVERY_LIMIT: i64 = 10;
+/// Deliveries of one message before the broker parks it: a guard against a message that
+/// crashes workers in a loop. Every return to the queue counts, a lost consumer connection's
+/// whole prefetch window included, so the limit must outlast realistic broker or network flaps
+/// (at 10, ten reconnects during an outage parked innocent messages). Our own requeues go
+/// through the first retry tier instead, which starts the count afresh.
+pub const DELIVERY_LIMIT: i64 = 50;
 
 /// Effectively unlimited redeliveries for the parking lot (see [`declare`]).
 pub const PARKED_DELIVERY_LIMIT: i64 = 1_000_000_000;
@@ -125,9 +129,42 @@ fn quorum_args() -> FieldTable {
     args
 }
 
-/// Declare everything. Idempotent and safe to run from many processes at once: the broker
-/// treats an identical re-declaration as a no-op.
-pub async fn declare(channel: &Channel, names: &Names) -> lapin::Result<()> {
+/// Declare everything, on a channel of its own. Idempotent and safe to run from many processes
+/// at once: the broker treats an identical re-declaration as a no-op.
+///
+/// RabbitMQ cannot change a queue's arguments in place, so an events queue declared by an older
+/// version with other ones (an older delivery limit) is used as it is, passively, with a
+/// warning that says what to do, rather than refusing to run.
+pub async fn declare(connection: &Connection, names: &Names) -> lapin::Result<()> {
+    let channel = connection.create_channel().await?;
+    let declared = match declare_on(&channel, names, Declare::Full).await {
+        Err(error) if error.to_string().contains("PRECONDITION_FAILED") => {
+            tracing::warn!(
+                queue = %names.events_queue,
+                %error,
+                "the events queue exists with other arguments (declared by an older version); \
+                 using it as it is. To take the new ones (delivery limit {DELIVERY_LIMIT}), drain \
+                 and delete it while no relay publishes, then restart a worker"
+            );
+            let channel = connection.create_channel().await?;
+            let result = declare_on(&channel, names, Declare::EventsQueuePassive).await;
+            let _ = channel.close(200, "topology declared".into()).await;
+            return result;
+        }
+        other => other,
+    };
+    let _ = channel.close(200, "topology declared".into()).await;
+    declared
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Declare {
+    Full,
+    /// Everything but the events queue's arguments, which are whatever it has.
+    EventsQueuePassive,
+}
+
+async fn declare_on(channel: &Channel, names: &Names, how: Declare) -> lapin::Result<()> {
     channel
         .exchange_declare(
             names.events_exchange.as_str().into(),
@@ -165,8 +202,18 @@ pub async fn declare(channel: &Channel, names: &Names) -> lapin::Result<()> {
     main.insert("x-dead-letter-routing-key".into(), s(&names.parked_queue));
     main.insert("x-dead-letter-strategy".into(), s("at-least-once"));
     main.insert("x-overflow".into(), s("reject-publish"));
+    let (options, args) = match how {
+        Declare::Full => (durable, main),
+        Declare::EventsQueuePassive => (
+            QueueDeclareOptions {
+                passive: true,
+                ..durable
+            },
+            FieldTable::default(),
+        ),
+    };
     channel
-        .queue_declare(names.events_queue.as_str().into(), durable, main)
+        .queue_declare(names.events_queue.as_str().into(), options, args)
         .await?;
     channel
         .queue_bind(

@@ -17,8 +17,7 @@ impl Topology {
         let connection = broker::connect(&self.broker.amqp_url, "catena-ingest topology")
             .await
             .context("connecting to RabbitMQ")?;
-        let channel = connection.create_channel().await?;
-        broker::topology::declare(&channel, &self.broker.names())
+        broker::topology::declare(&connection, &self.broker.names())
             .await
             .context("declaring the topology")?;
         println!(

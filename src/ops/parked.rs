@@ -163,8 +163,8 @@ struct Session {
 impl Session {
     async fn open(url: &str, names: &Names) -> Result<Self, ParkedError> {
         let connection = broker::connect(url, "catena-ingest parked").await?;
+        broker::topology::declare(&connection, names).await?;
         let channel = connection.create_channel().await?;
-        broker::topology::declare(&channel, names).await?;
         let queue = channel
             .queue_declare(
                 names.parked_queue.as_str().into(),

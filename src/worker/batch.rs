@@ -138,11 +138,27 @@ async fn park(
             Disposition::Ack
         }
         Err(error) => {
-            tracing::warn!(%error, "could not park a message; it goes back to the queue");
+            tracing::warn!(%error, "could not park a message; deferring it");
+            defer(ctx, message).await
+        }
+    }
+}
+
+/// Give a message back for later without raising its delivery count: a copy through the first
+/// retry tier (its attempt counter unchanged), then ack. Only if that fails too is it requeued,
+/// after a pause, so a broken publish path cannot spin the consumer.
+async fn defer(ctx: &Context, message: &Message<'_>) -> Disposition {
+    match reroute::defer(&ctx.publisher, &ctx.names, message.delivery).await {
+        Ok(()) => Disposition::Ack,
+        Err(error) => {
+            tracing::warn!(%error, "could not defer a message either; it goes back to the queue");
+            tokio::time::sleep(REQUEUE_PAUSE).await;
             Disposition::Requeue
         }
     }
 }
+
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
 async fn retry(ctx: &Context, message: &Message<'_>, detail: &str) -> Disposition {
     match reroute::retry_or_park(&ctx.publisher, &ctx.names, message.delivery, detail).await {
@@ -163,8 +179,8 @@ async fn retry(ctx: &Context, message: &Message<'_>, detail: &str) -> Dispositio
             Disposition::Ack
         }
         Err(error) => {
-            tracing::warn!(%error, "could not reroute a message; it goes back to the queue");
-            Disposition::Requeue
+            tracing::warn!(%error, "could not reroute a message; deferring it");
+            defer(ctx, message).await
         }
     }
 }

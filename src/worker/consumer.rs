@@ -26,9 +26,9 @@ async fn open_consumer(
         &format!("catena-ingest worker consumer {index}"),
     )
     .await?;
-    let channel = connection.create_channel().await?;
     let names = config.broker.names();
-    broker::topology::declare(&channel, &names).await?;
+    broker::topology::declare(&connection, &names).await?;
+    let channel = connection.create_channel().await?;
     channel
         .basic_qos(config.worker.prefetch, BasicQosOptions::default())
         .await?;

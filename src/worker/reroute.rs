@@ -52,6 +52,26 @@ pub async fn retry_or_park(
     }
 }
 
+/// Publish to the first retry tier unchanged (attempts included): a requeue that comes back
+/// after the tier's delay as a new message, so it neither spins nor raises the delivery count.
+pub async fn defer(
+    publisher: &Publisher,
+    names: &Names,
+    delivery: &Delivery,
+) -> Result<(), PublishError> {
+    let Some(queue) = names.retry_queue_for(1) else {
+        return Err(PublishError::Unavailable);
+    };
+    let properties = message::retry_properties(
+        &delivery.properties,
+        delivery.routing_key.as_str(),
+        message::attempts(&delivery.properties),
+    );
+    publisher
+        .publish("", &queue, &delivery.data, properties, CONFIRM_DEADLINE)
+        .await
+}
+
 /// Publish to the parking lot with headers saying why, when and after how many attempts.
 pub async fn park(
     publisher: &Publisher,

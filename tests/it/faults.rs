@@ -198,3 +198,126 @@ async fn a_black_holed_database_is_noticed_within_the_batch_deadline() {
     );
     p.stop().await;
 }
+
+/// Every return of an unacked message to the queue counts against the delivery limit, a lost
+/// consumer connection's whole prefetch window included. Twelve connection losses with every
+/// message in flight (what a flapping broker or network does to a worker) park nothing.
+#[tokio::test]
+async fn repeated_connection_losses_park_no_valid_message() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    let events = scenario(10, 33);
+    let mut p = TestPipeline::builder("flaps")
+        .reference(&events)
+        .relay()
+        .start()
+        .await;
+    let report = p.send_deliveries(&events, &in_order(&events), 8).await;
+    assert_eq!(report.accepted as usize, events.len());
+    for flap in 0..12 {
+        let connection = catena_ingest::broker::connect(AMQP_URL, "test flapping consumer")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .basic_qos(1000, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                p.names.events_queue.as_str().into(),
+                format!("flap-{flap}").as_str().into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for _ in 0..events.len() {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("every message is delivered again")
+                .unwrap();
+            assert!(delivery.is_ok());
+        }
+        // Gone without an ack: every message returns to the queue.
+        drop(consumer);
+        let _ = connection.close(320, "flap".into()).await;
+    }
+    p.start_worker().await;
+    p.assert_converged(events.len(), Duration::from_secs(120))
+        .await;
+    assert_eq!(p.parked_len().await, 0, "no valid message parked");
+    p.stop().await;
+}
+
+/// An events queue declared by an older version with other arguments (another delivery
+/// limit) cannot be changed in place: the relay and worker use it as it is instead of
+/// refusing to run.
+#[tokio::test]
+async fn an_events_queue_with_older_arguments_is_used_as_it_is() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let events = scenario(3, 34);
+    let mut p = TestPipeline::builder("old_queue")
+        .reference(&events)
+        .start()
+        .await;
+    let connection = catena_ingest::broker::connect(AMQP_URL, "test old queue")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(7));
+    channel
+        .queue_declare(
+            p.names.events_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+
+    // The publisher (as the relay's) declares the topology, falling back for this queue.
+    let shutdown = catena_ingest::shutdown::Shutdown::new();
+    let publisher = catena_ingest::broker::Publisher::start(
+        AMQP_URL,
+        "test publisher",
+        p.names.clone(),
+        1,
+        shutdown.clone(),
+    );
+    assert!(
+        publisher.wait_ready(Duration::from_secs(10)).await,
+        "ready despite the older queue"
+    );
+    for event in &events {
+        let properties = catena_ingest::message::event_properties(
+            &Default::default(),
+            chrono::Utc::now(),
+            catena_ingest::message::Producer::LoadGenerator,
+        );
+        publisher
+            .publish(
+                &p.names.events_exchange,
+                &event.event_name,
+                &event.body(1),
+                properties,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    shutdown.trigger();
+    p.start_worker().await;
+    p.assert_converged(events.len(), Duration::from_secs(60))
+        .await;
+    p.stop().await;
+}
