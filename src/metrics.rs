@@ -124,7 +124,7 @@ impl RelayMetrics {
                 registry,
                 IntGauge::new(
                     "catena_relay_inflight_bytes",
-                    "Body bytes held by requests: compressed, decompressed and the publish copy",
+                    "Bytes of the large-body buffers taken: bodies over 16 KiB and the publisher's copies",
                 )
                 .unwrap(),
             ),

@@ -1,8 +1,8 @@
 //! The edge relay: verify a Catena webhook, publish it with a confirm, then answer.
 //!
 //! Per request, in this order, with nothing parsed or trusted before the signature holds:
-//! 1. POST `/webhooks/catena`, compressed body capped (413), every byte of it held against the
-//!    memory budget ([`budget`]; 503 when it is spent);
+//! 1. POST `/webhooks/catena`, compressed body capped (413); past 16 KiB it needs a buffer of
+//!    the memory budget ([`budget`]; 503 at once when none is free);
 //! 2. gunzip with a cap on the expansion (413), corrupt gzip is 400;
 //! 3. `X-Catena-Timestamp` inside the window (401);
 //! 4. HMAC over `timestamp + "." + body` with the secrets of `X-Webhook-ID` (401);
@@ -13,7 +13,7 @@
 //! binds and serves (at most `RELAY_MAX_CONNECTIONS` connections); [`handler`] is the
 //! per-request pipeline above, [`budget`], [`signature`], [`secrets`] and [`gunzip`] its pieces.
 //! Steps 2 to 4 run on the async threads only when the decompressed body cannot exceed
-//! [`budget::INLINE_BYTES`], else on a blocking thread.
+//! [`budget::INLINE_BYTES`], else on a verify thread ([`budget::Offload`]).
 
 pub mod budget;
 pub mod gunzip;
