@@ -14,6 +14,7 @@ use clap::{Args, FromArgMatches};
 
 use crate::broker::Names;
 use crate::broker::topology::RetryDelays;
+use crate::relay::budget::CONNECTION_ALLOWANCE;
 use crate::relay::secrets::{SecretStore, SecretsError};
 use crate::relay::signature::Window;
 
@@ -170,12 +171,15 @@ pub struct RelaySettings {
     )]
     pub listen: String,
 
-    /// Largest accepted request body as sent (compressed), in bytes: larger is 413.
-    #[arg(long, env = "RELAY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    /// Largest accepted request body as sent (compressed), in bytes: larger is 413. Envelopes of
+    /// many records gzip 2.2-14x (README, "Memory budget"), so every one that fits
+    /// RELAY_MAX_DECOMPRESSED_BYTES fits this.
+    #[arg(long, env = "RELAY_MAX_BODY_BYTES", default_value_t = 512 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Largest accepted body after gunzip, in bytes: larger is 413.
-    #[arg(long, env = "RELAY_MAX_DECOMPRESSED_BYTES", default_value_t = 10 * 1024 * 1024)]
+    /// Largest accepted body after gunzip, in bytes: larger is 413. Catena's envelopes are
+    /// 0.4-1.2 KiB with one record; 1 MiB holds 1,300-6,900 records (README, "Memory budget").
+    #[arg(long, env = "RELAY_MAX_DECOMPRESSED_BYTES", default_value_t = 1024 * 1024)]
     pub max_decompressed_bytes: usize,
 
     /// How long to wait for the broker's publisher confirm before answering 503. Catena gives
@@ -187,9 +191,34 @@ pub struct RelaySettings {
     #[arg(long, env = "RELAY_PUBLISH_CHANNELS", default_value_t = 4)]
     pub publish_channels: usize,
 
+    /// Memory the relay may spend on connections and request bodies, in bytes, on top of its
+    /// baseline (code, runtime, broker connection: ~26 MiB). RELAY_MAX_INFLIGHT_BYTES,
+    /// RELAY_MAX_CONNECTIONS and RELAY_MAX_CONCURRENCY default to shares of it (README, "Memory
+    /// budget"); 128 MiB fits the 256 Mi pod limit of deploy/k8s/relay.yaml with room to spare.
+    #[arg(long, env = "RELAY_MEMORY_BUDGET_BYTES", default_value_t = 128 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub memory_budget_bytes: usize,
+
+    /// Memory for bodies over 16 KiB, in bytes: they live in buffers of the larger cap (plus one
+    /// byte), allocated once and reused, as many as fit here (one per verify thread among them);
+    /// a request that finds none free is answered 503 at once. Default: half of
+    /// RELAY_MEMORY_BUDGET_BYTES.
+    #[arg(long, env = "RELAY_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<usize>,
+
+    /// Open client connections; more are closed as soon as they are accepted. Default: the rest
+    /// of RELAY_MEMORY_BUDGET_BYTES at 128 KiB a connection.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub max_connections: Option<usize>,
+
     /// Requests handled at once; beyond it the relay answers 503 at once instead of queueing.
-    #[arg(long, env = "RELAY_MAX_CONCURRENCY", default_value_t = 4096)]
-    pub max_concurrency: usize,
+    /// Default: RELAY_MAX_CONNECTIONS (HTTP/1.1 serves one request at a time per connection).
+    #[arg(long, env = "RELAY_MAX_CONCURRENCY", value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub max_concurrency: Option<usize>,
+
+    /// Threads that inflate and verify bodies that may exceed 16 KiB decompressed, off the async
+    /// threads; a request waits at most 1 s for one, then gets 503.
+    #[arg(long, env = "RELAY_BLOCKING_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    pub blocking_threads: usize,
 
     /// Deadline for receiving a request's headers (slowloris guard: the connection is closed).
     #[arg(long, env = "RELAY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -203,6 +232,33 @@ pub struct RelaySettings {
     /// 5 minutes and 60 s; not a flag).
     #[arg(skip)]
     pub window: Window,
+}
+
+/// The relay's effective limits: the settings given, the rest derived from the memory budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayLimits {
+    pub inflight_bytes: usize,
+    pub connections: usize,
+    pub concurrency: usize,
+}
+
+impl RelaySettings {
+    /// `RELAY_MAX_INFLIGHT_BYTES` defaults to half the budget; `RELAY_MAX_CONNECTIONS` to what
+    /// is left, at [`CONNECTION_ALLOWANCE`] each (64 KiB of headers that hyper may buffer, a
+    /// body of up to 16 KiB as sent and 16 KiB decompressed, 32 KiB of task, parser and response
+    /// state); `RELAY_MAX_CONCURRENCY` to the connections. 128 MiB: 64 MiB, 512, 512.
+    pub fn limits(&self) -> RelayLimits {
+        let budget = self.memory_budget_bytes;
+        let inflight_bytes = self.max_inflight_bytes.unwrap_or(budget / 2);
+        let connections = self.max_connections.unwrap_or_else(|| {
+            (budget.saturating_sub(inflight_bytes) / CONNECTION_ALLOWANCE).max(1)
+        });
+        RelayLimits {
+            inflight_bytes,
+            connections,
+            concurrency: self.max_concurrency.unwrap_or(connections),
+        }
+    }
 }
 
 /// What the relay runs with.
@@ -372,13 +428,51 @@ mod tests {
         assert_eq!(worker.notifier.batch, 50);
         let relay = RelaySettings::default();
         assert_eq!(relay.confirm_timeout, Duration::from_secs(2));
-        assert_eq!(relay.max_body_bytes, 1024 * 1024);
+        assert_eq!(relay.max_body_bytes, 512 * 1024);
+        assert_eq!(relay.max_decompressed_bytes, 1024 * 1024);
+        assert_eq!(
+            relay.limits(),
+            RelayLimits {
+                inflight_bytes: 64 * 1024 * 1024,
+                connections: 512,
+                concurrency: 512,
+            }
+        );
         let broker = BrokerSettings::default();
         assert_eq!(broker.amqp_url, DEFAULT_AMQP_URL);
         assert_eq!(broker.names().events_queue, "catena.events");
         assert_eq!(broker.names().retry_tier_count(), 4);
         assert_eq!(DatabaseSettings::default().db_pool_size, 8);
         assert_eq!(DeliverySettings::default().retries, 3);
+    }
+
+    #[test]
+    fn relay_limits_derive_from_the_budget_unless_given() {
+        let small = RelaySettings {
+            memory_budget_bytes: 32 * 1024 * 1024,
+            ..RelaySettings::default()
+        };
+        assert_eq!(
+            small.limits(),
+            RelayLimits {
+                inflight_bytes: 16 * 1024 * 1024,
+                connections: 128,
+                concurrency: 128,
+            }
+        );
+        let given = RelaySettings {
+            max_inflight_bytes: Some(96 * 1024 * 1024),
+            max_concurrency: Some(10),
+            ..RelaySettings::default()
+        };
+        assert_eq!(
+            given.limits(),
+            RelayLimits {
+                inflight_bytes: 96 * 1024 * 1024,
+                connections: 256,
+                concurrency: 10,
+            }
+        );
     }
 
     #[test]

@@ -28,6 +28,13 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     metric
 }
 
+/// The `reason` label of `catena_relay_shed_total`: why the relay refused work before looking
+/// at it (a request answered 503, or a connection closed at accept).
+pub const SHED_CONCURRENCY: &str = "concurrency";
+pub const SHED_MEMORY: &str = "memory";
+pub const SHED_BLOCKING: &str = "blocking";
+pub const SHED_CONNECTIONS: &str = "connections";
+
 #[derive(Clone)]
 pub struct RelayMetrics {
     pub requests: IntCounterVec,
@@ -35,6 +42,9 @@ pub struct RelayMetrics {
     pub publish_confirm: Histogram,
     pub broker_ready: IntGauge,
     pub inflight: IntGauge,
+    pub inflight_bytes: IntGauge,
+    pub connections: IntGauge,
+    pub shed: IntCounterVec,
 }
 
 impl RelayMetrics {
@@ -50,8 +60,28 @@ impl RelayMetrics {
         for outcome in RelayOutcome::ALL {
             requests.with_label_values(&[outcome.as_str()]);
         }
+        let shed = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "catena_relay_shed_total",
+                    "Requests answered 503 and connections closed before any work, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+        );
+        for reason in [
+            SHED_CONCURRENCY,
+            SHED_MEMORY,
+            SHED_BLOCKING,
+            SHED_CONNECTIONS,
+        ] {
+            shed.with_label_values(&[reason]);
+        }
         Self {
             requests,
+            shed,
             request_duration: register(
                 registry,
                 Histogram::with_opts(
@@ -89,6 +119,18 @@ impl RelayMetrics {
                     "Webhook requests being handled",
                 )
                 .unwrap(),
+            ),
+            inflight_bytes: register(
+                registry,
+                IntGauge::new(
+                    "catena_relay_inflight_bytes",
+                    "Bytes of the large-body buffers taken: bodies over 16 KiB and the publisher's copies",
+                )
+                .unwrap(),
+            ),
+            connections: register(
+                registry,
+                IntGauge::new("catena_relay_connections", "Open client connections").unwrap(),
             ),
         }
     }

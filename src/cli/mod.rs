@@ -48,7 +48,7 @@ enum Command {
     /// Create the database if missing and apply the embedded SQL migrations.
     Migrate(migrate::Migrate),
     /// Everything in one process on local defaults: migrate, topology, relay and workers.
-    Dev(dev::Dev),
+    Dev(Box<dev::Dev>),
     /// Sign and POST Catena-shaped webhooks: one event from a file, or a generated scenario.
     Send(Box<send::Send>),
     /// Look into, replay or purge the parking lot (works while workers run).

@@ -32,16 +32,31 @@ thread_local! {
 pub fn gunzip_capped(input: &[u8], max_out: usize) -> Result<Vec<u8>, GunzipError> {
     // Webhook bodies compress ~1.2-10x; start near that to avoid regrowth without over-reserving.
     let mut out = Vec::with_capacity((input.len() * 4).max(256).min(max_out.saturating_add(1)));
+    gunzip_into(input, &mut out, max_out)?;
+    Ok(out)
+}
+
+/// [`gunzip_capped`] appending to `out`, which grows only when it is full (never past
+/// `max_out + 1` bytes): given a buffer of that capacity, nothing is allocated. Output past
+/// `max_out` may fill what capacity `out` already has before the error is seen.
+pub fn gunzip_into(input: &[u8], out: &mut Vec<u8>, max_out: usize) -> Result<(), GunzipError> {
     INFLATE.with(|cell| {
         let mut inflate = cell.borrow_mut();
         let mut rest = input;
         loop {
-            rest = member(&mut inflate, rest, &mut out, max_out)?;
+            rest = member(&mut inflate, rest, out, max_out)?;
             if rest.is_empty() {
-                return Ok(out);
+                return Ok(());
             }
         }
     })
+}
+
+/// The uncompressed size the last gzip member of `input` claims (its ISIZE field, modulo
+/// 2^32): a hint to choose where to inflate, never trusted for anything else.
+pub fn size_hint(input: &[u8]) -> Option<usize> {
+    let at = input.len().checked_sub(4)?;
+    Some(u32::from_le_bytes(input[at..].try_into().ok()?) as usize)
 }
 
 const FHCRC: u8 = 0x02;
@@ -163,5 +178,29 @@ mod tests {
         let mut truncated = gzip(b"some longer text that compresses");
         truncated.truncate(truncated.len() - 6);
         assert_eq!(gunzip_capped(&truncated, 100), Err(GunzipError::Corrupt));
+    }
+
+    #[test]
+    fn into_a_buffer_of_the_cap_allocates_nothing() {
+        let data = vec![7u8; 300_000];
+        let z = gzip(&data);
+        let mut out = Vec::with_capacity(300_001);
+        let address = out.as_ptr();
+        gunzip_into(&z, &mut out, 300_000).unwrap();
+        assert_eq!(out, data);
+        assert_eq!((out.as_ptr(), out.capacity()), (address, 300_001));
+        out.clear();
+        let bomb = gzip(&vec![0u8; 1_000_000]);
+        assert_eq!(
+            gunzip_into(&bomb, &mut out, 300_000),
+            Err(GunzipError::TooLarge(300_000))
+        );
+        assert_eq!((out.as_ptr(), out.capacity()), (address, 300_001));
+    }
+
+    #[test]
+    fn the_size_hint_is_the_last_members_isize() {
+        assert_eq!(size_hint(&gzip(&[1u8; 5000])), Some(5000));
+        assert_eq!(size_hint(b"abc"), None);
     }
 }

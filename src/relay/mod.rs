@@ -1,7 +1,8 @@
 //! The edge relay: verify a Catena webhook, publish it with a confirm, then answer.
 //!
 //! Per request, in this order, with nothing parsed or trusted before the signature holds:
-//! 1. POST `/webhooks/catena`, compressed body capped (413);
+//! 1. POST `/webhooks/catena`, compressed body capped (413); past 16 KiB it needs a buffer of
+//!    the memory budget ([`budget`]; 503 at once when none is free);
 //! 2. gunzip with a cap on the expansion (413), corrupt gzip is 400;
 //! 3. `X-Catena-Timestamp` inside the window (401);
 //! 4. HMAC over `timestamp + "." + body` with the secrets of `X-Webhook-ID` (401);
@@ -9,9 +10,12 @@
 //! 6. confirm -> 202; nack, return, timeout or no broker -> 503 so Catena retries.
 //!
 //! The relay never touches PostgreSQL; it is stateless and scales by replicas. This module
-//! binds and serves; [`handler`] is the per-request pipeline above, [`signature`], [`secrets`]
-//! and [`gunzip`] its pieces.
+//! binds and serves (at most `RELAY_MAX_CONNECTIONS` connections); [`handler`] is the
+//! per-request pipeline above, [`budget`], [`signature`], [`secrets`] and [`gunzip`] its pieces.
+//! Steps 2 to 4 run on the async threads only when the decompressed body cannot exceed
+//! [`budget::INLINE_BYTES`], else on a verify thread ([`budget::Offload`]).
 
+pub mod budget;
 pub mod gunzip;
 mod handler;
 pub mod secrets;
@@ -28,13 +32,15 @@ use axum::response::IntoResponse;
 use axum::routing::{any, get};
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::broker::Publisher;
 pub use crate::config::RelayConfig;
+use crate::config::RelayLimits;
 use crate::metrics::{self, RelayMetrics};
 use crate::shutdown::Shutdown;
+use budget::{Buffers, Offload};
 pub use handler::Outcome;
 
 pub const WEBHOOK_PATH: &str = "/webhooks/catena";
@@ -46,6 +52,8 @@ struct AppState {
     metrics: RelayMetrics,
     registry: Registry,
     permits: Semaphore,
+    buffers: Arc<Buffers>,
+    offload: Offload,
 }
 
 /// A relay bound to its port and serving in the background.
@@ -70,9 +78,23 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
         broker_shutdown.clone(),
     );
     let registry = Registry::new();
+    let metrics = RelayMetrics::new(&registry);
+    let limits = config.relay.limits();
+    log_limits(&config, limits);
+    let connections = Connections {
+        slots: Arc::new(Semaphore::new(limits.connections)),
+        metrics: metrics.clone(),
+    };
     let state = Arc::new(AppState {
-        metrics: RelayMetrics::new(&registry),
-        permits: Semaphore::new(config.relay.max_concurrency),
+        buffers: Buffers::new(
+            limits.inflight_bytes,
+            buffer_size(&config),
+            config.relay.blocking_threads,
+            metrics.inflight_bytes.clone(),
+        ),
+        offload: Offload::new(config.relay.blocking_threads, buffer_size(&config)),
+        metrics,
+        permits: Semaphore::new(limits.concurrency),
         config,
         names,
         publisher: publisher.clone(),
@@ -81,7 +103,7 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
     let header_timeout = state.config.relay.header_timeout;
     let app = router(state);
     let handle = tokio::spawn(async move {
-        serve(listener, app, header_timeout, shutdown).await;
+        serve(listener, app, header_timeout, connections, shutdown).await;
         broker_shutdown.trigger();
         tracing::info!("relay stopped");
     });
@@ -93,13 +115,84 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
     })
 }
 
+/// The capacity of a large-body buffer: either cap, plus the byte that proves an expansion past
+/// the decompressed one.
+fn buffer_size(config: &RelayConfig) -> usize {
+    let relay = &config.relay;
+    relay
+        .max_body_bytes
+        .max(relay.max_decompressed_bytes.saturating_add(1))
+}
+
+/// The limits in force, once at start, and a warning when the settings given overspend the
+/// budget or leave too little for large bodies.
+fn log_limits(config: &RelayConfig, limits: RelayLimits) {
+    let relay = &config.relay;
+    let buffer_bytes = buffer_size(config);
+    let buffers = (limits.inflight_bytes / buffer_bytes).saturating_sub(relay.blocking_threads);
+    tracing::info!(
+        memory_budget_bytes = relay.memory_budget_bytes,
+        max_inflight_bytes = limits.inflight_bytes,
+        buffers,
+        buffer_bytes,
+        max_connections = limits.connections,
+        max_concurrency = limits.concurrency,
+        blocking_threads = relay.blocking_threads,
+        "relay limits"
+    );
+    let committed = limits
+        .connections
+        .saturating_mul(budget::CONNECTION_ALLOWANCE)
+        .saturating_add(limits.inflight_bytes);
+    if committed > relay.memory_budget_bytes {
+        tracing::warn!(
+            committed,
+            memory_budget_bytes = relay.memory_budget_bytes,
+            "RELAY_MAX_CONNECTIONS x 128 KiB + RELAY_MAX_INFLIGHT_BYTES exceed RELAY_MEMORY_BUDGET_BYTES"
+        );
+    }
+    if buffers < 2 {
+        tracing::warn!(
+            max_inflight_bytes = limits.inflight_bytes,
+            buffer_bytes,
+            "RELAY_MAX_INFLIGHT_BYTES leaves fewer than two buffers of the caps besides the verify threads' own: large bodies will be refused"
+        );
+    }
+}
+
 /// Headers larger than this are refused with 431 by the handler; hyper's read-buffer cap
 /// (the same figure) bounds what a connection can make it buffer.
 pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// HTTP/1.1 with keep-alive, a header-read deadline (slowloris) and a header size cap; on
-/// shutdown stop accepting, let in-flight requests finish (up to 30 s), then return.
-async fn serve(listener: TcpListener, app: Router, header_timeout: Duration, shutdown: Shutdown) {
+/// The connection cap: a slot per open connection, and the gauge of them.
+struct Connections {
+    slots: Arc<Semaphore>,
+    metrics: RelayMetrics,
+}
+
+/// A connection's slot and its place in `catena_relay_connections`, both given back on drop.
+struct ConnectionGuard {
+    _slot: OwnedSemaphorePermit,
+    metrics: RelayMetrics,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+    }
+}
+
+/// HTTP/1.1 with keep-alive, a header-read deadline (slowloris; also the idle deadline between
+/// requests), a header size cap and at most `RELAY_MAX_CONNECTIONS` connections (one more is
+/// closed at once); on shutdown stop accepting, let in-flight requests finish (up to 30 s),
+/// then return.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    connections: Connections,
+    shutdown: Shutdown,
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
@@ -122,11 +215,26 @@ async fn serve(listener: TcpListener, app: Router, header_timeout: Duration, shu
                 }
             },
         };
+        let Ok(slot) = connections.slots.clone().try_acquire_owned() else {
+            connections
+                .metrics
+                .shed
+                .with_label_values(&[metrics::SHED_CONNECTIONS])
+                .inc();
+            drop(stream);
+            continue;
+        };
+        connections.metrics.connections.inc();
+        let guard = ConnectionGuard {
+            _slot: slot,
+            metrics: connections.metrics.clone(),
+        };
         let _ = stream.set_nodelay(true);
         let connection =
             http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
+            let _guard = guard;
             if let Err(error) = watched.await {
                 tracing::debug!(%error, "connection ended with an error");
             }

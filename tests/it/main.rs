@@ -21,6 +21,7 @@ mod faults;
 mod fuzz;
 mod operate;
 mod relay;
+mod relay_memory;
 mod restarts;
 mod signature_vectors;
 mod state;

@@ -120,9 +120,10 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
             .header("X-Webhook-ID", WEBHOOK_ID)
             .body(b"\x1f\x8b\x08\x00garbage-that-is-not-deflate".to_vec()),
     ));
-    // 64 MiB of zeros gzips to ~64 KiB: under the 1 MiB body cap, far over the 10 MiB expansion cap.
-    let bomb = catena_ingest::relay::gunzip::gzip(&vec![b'0'; 64 * 1024 * 1024]);
-    assert!(bomb.len() < 1024 * 1024);
+    // 16 MiB of zeros gzips to well under the 512 KiB body cap, and is far over the 1 MiB
+    // expansion cap.
+    let bomb = catena_ingest::relay::gunzip::gzip(&vec![b'0'; 16 * 1024 * 1024]);
+    assert!(bomb.len() < 512 * 1024);
     cases.push((
         "gzip bomb",
         413,
@@ -330,7 +331,7 @@ async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
 async fn beyond_the_concurrency_cap_the_answer_is_an_immediate_503() {
     use tokio::io::AsyncWriteExt;
     let p = relay_only("relay_cap")
-        .relay_config(|config| config.relay.max_concurrency = 1)
+        .relay_config(|config| config.relay.max_concurrency = Some(1))
         .start()
         .await;
     let body = fixture("events/05-connection.created.json");
@@ -356,5 +357,177 @@ async fn beyond_the_concurrency_cap_the_answer_is_an_immediate_503() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(p.send(&body).await, 202);
     assert_eq!(p.drain_events(Duration::from_millis(500)).await.len(), 1);
+    p.stop().await;
+}
+
+/// `records` copies of the connection.staled record in one envelope (~190 bytes each).
+fn envelope_of(records: usize) -> Vec<u8> {
+    let mut envelope: serde_json::Value =
+        serde_json::from_slice(&fixture("events/09-connection.staled.json")).unwrap();
+    let record = envelope["data"][0].clone();
+    envelope["data"] = serde_json::Value::Array(vec![record; records]);
+    serde_json::to_vec(&envelope).unwrap()
+}
+
+/// A signed POST of `wire` (already encoded as it goes out) for the uncompressed `body`.
+fn signed_raw(
+    client: &reqwest::Client,
+    url: &str,
+    body: &[u8],
+    wire: Vec<u8>,
+    gzipped: bool,
+) -> reqwest::RequestBuilder {
+    let ts = chrono::Utc::now().to_rfc3339();
+    let request = client
+        .post(url)
+        .header("X-Webhook-ID", WEBHOOK_ID)
+        .header("X-Catena-Timestamp", &ts)
+        .header("X-Catena-Signature", sign(SECRET, &ts, body))
+        .body(wire);
+    if gzipped {
+        request.header("Content-Encoding", "gzip")
+    } else {
+        request
+    }
+}
+
+async fn status(request: reqwest::RequestBuilder) -> u16 {
+    request.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn large_and_multi_member_bodies_are_verified_off_thread_and_queued_whole() {
+    use catena_ingest::relay::gunzip::gzip;
+    let p = relay_only("relay_large").relay().start().await;
+    let (client, url) = (&p.client, p.relay_url());
+    let large = envelope_of(1000);
+    assert!(large.len() > 128 * 1024);
+
+    // One gzip member of ~190 KiB decompressed: its size hint sends it off the async threads.
+    assert_eq!(
+        status(signed_raw(client, &url, &large, gzip(&large), true)).await,
+        202
+    );
+    // Two members whose last one claims 100 bytes: tried inline, found larger, done off-thread.
+    let mut two = gzip(&large[..large.len() - 100]);
+    two.extend(gzip(&large[large.len() - 100..]));
+    assert_eq!(
+        status(signed_raw(client, &url, &large, two, true)).await,
+        202
+    );
+    // Uncompressed: the HMAC over it runs off-thread too.
+    assert_eq!(
+        status(signed_raw(client, &url, &large, large.clone(), false)).await,
+        202
+    );
+    // And a large body signed for other bytes is refused there.
+    let mut tampered = large.clone();
+    tampered[1000] ^= 1;
+    assert_eq!(
+        status(signed_raw(client, &url, &large, gzip(&tampered), true)).await,
+        401
+    );
+
+    let taken = p.drain_events(Duration::from_millis(500)).await;
+    assert_eq!(taken.len(), 3);
+    for message in &taken {
+        assert_eq!(message.body, large, "the whole body, decompressed");
+        assert_eq!(message.routing_key, "connection.staled");
+    }
+    let metrics = p.relay_metrics().await;
+    assert!(
+        metrics.contains("catena_relay_inflight_bytes 0"),
+        "every buffer is back:\n{metrics}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn with_no_buffer_free_large_bodies_get_503_and_small_ones_202() {
+    use catena_ingest::relay::gunzip::gzip;
+    // No buffer for large bodies at all: only the verify threads' own.
+    let p = relay_only("relay_nobuf")
+        .relay_config(|config| config.relay.max_inflight_bytes = Some(0))
+        .start()
+        .await;
+    let (client, url) = (&p.client, p.relay_url());
+    let large = envelope_of(1000);
+
+    // Gzipped, it arrives small, is inflated and verified in a verify thread's own buffer, and
+    // then finds no buffer to be kept in; uncompressed, it finds none to be read into.
+    let refused = signed_raw(client, &url, &large, gzip(&large), true)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(
+        refused.text().await.unwrap(),
+        "relay memory budget exhausted\n"
+    );
+    assert_eq!(
+        status(signed_raw(client, &url, &large, large.clone(), false)).await,
+        503
+    );
+    // A bomb that arrives small needs no buffer of the pool to be refused for what it is.
+    let bomb = {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&vec![0u8; 8 * 1024 * 1024]).unwrap();
+        encoder.finish().unwrap()
+    };
+    assert!(bomb.len() < 16 * 1024);
+    assert_eq!(
+        status(signed_raw(client, &url, b"x", bomb, true)).await,
+        413
+    );
+    // Envelopes of Catena's size never need one.
+    let body = fixture("events/03-invitation.accepted.json");
+    assert_eq!(p.send(&body).await, 202);
+
+    assert_eq!(p.drain_events(Duration::from_millis(500)).await.len(), 1);
+    let metrics = p.relay_metrics().await;
+    for line in [
+        "catena_relay_shed_total{reason=\"memory\"} 2",
+        "catena_relay_requests_total{outcome=\"unavailable\"} 2",
+        "catena_relay_requests_total{outcome=\"too_large\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+    }
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn beyond_the_connection_cap_a_connection_is_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let p = relay_only("relay_conns")
+        .relay_config(|config| config.relay.max_connections = Some(2))
+        .start()
+        .await;
+    let addr = p.relay_addr();
+    let holders = [
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // The third is accepted and closed: no answer, no wait for a header deadline.
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), third.read_to_end(&mut buf)).await;
+    assert!(read.is_ok() && buf.is_empty(), "closed without a word");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    drop(holders);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = fixture("events/05-connection.created.json");
+    assert_eq!(p.send(&body).await, 202);
+    let metrics = p.relay_metrics().await;
+    for line in [
+        "catena_relay_shed_total{reason=\"connections\"} 1",
+        "catena_relay_connections 2",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+    }
     p.stop().await;
 }

@@ -71,7 +71,33 @@ pub struct ChildProcess {
     _leftovers: Arc<Leftovers>,
 }
 
+/// A child's resident memory from `/proc/<pid>/status`, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    /// `VmRSS`: resident now.
+    pub rss: usize,
+    /// `VmHWM`: the most it has been resident since it started.
+    pub peak: usize,
+}
+
 impl ChildProcess {
+    /// Its resident memory now and at its peak (Linux only).
+    pub fn memory(&self) -> Memory {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("procfs");
+        let kib = |field: &str| -> usize {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+        };
+        Memory {
+            rss: kib("VmRSS:") * 1024,
+            peak: kib("VmHWM:") * 1024,
+        }
+    }
+
     /// `kill -<signal>` (TERM, KILL).
     pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id();
