@@ -1,0 +1,578 @@
+//! Retention: prune what grows per event, in small batches, one worker at a time.
+//!
+//! [`TABLES`] says what is pruned: each table with its time column, how long its rows are kept,
+//! what else a row must satisfy to go (an alert must be resolved, an outbox row delivered), and
+//! how its old rows are found. Adding a table is one entry there (and an index in a migration).
+//!
+//! A sweep, every `RETENTION_INTERVAL` in every worker process:
+//! - takes a session advisory lock ([`RETENTION_LOCK`]) with `pg_try_advisory_lock`, so one
+//!   worker sweeps at a time and the others skip; it is released at the end (or with the
+//!   connection);
+//! - runs on a connection of its own, never one of the pool's, with a short `lock_timeout`:
+//!   pruning waits for ingestion, never the other way round, and only ever touches rows older
+//!   than any event being applied;
+//! - deletes each table's expired rows `RETENTION_BATCH_SIZE` at a time, each batch one
+//!   statement (its own short transaction), pausing `RETENTION_BATCH_PAUSE` between batches;
+//! - re-summarizes the BRIN ranges it emptied (see `migrations/0005_retention.sql` for why), so
+//!   the next batch and the next sweep do not read them again.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use crate::config::{RetentionSettings, human_duration};
+use crate::metrics::RetentionMetrics;
+use crate::shutdown::Shutdown;
+use crate::store::{self, DbError, Failure};
+
+/// Serialises sweeps across worker processes (session-level advisory lock; any 64-bit constant
+/// unique to this app, next to the migration and re-fire locks).
+pub const RETENTION_LOCK: i64 = 0x6361_7465_6e61_0003;
+
+/// How a table's expired rows are found.
+#[derive(Debug, Clone, Copy)]
+pub enum Find {
+    /// Through a BRIN index on the time column, in physical order. For the tables written per
+    /// event, appended to in time order; the sweep keeps the index's summaries tight.
+    Brin { index: &'static str },
+    /// Oldest first through a b-tree index on the time column (partial where `extra` is).
+    Btree,
+}
+
+/// Rows of another table that reference the pruned rows and go with them, first.
+#[derive(Debug, Clone, Copy)]
+pub struct Children {
+    pub table: &'static str,
+    /// The referencing column in `table`.
+    pub column: &'static str,
+    /// The referenced column in the pruned table.
+    pub key: &'static str,
+    /// What a child row must satisfy to go. One that does not keeps its parent: the foreign key
+    /// refuses the whole batch, loudly, rather than lose it.
+    pub only: &'static str,
+}
+
+/// One pruned table.
+#[derive(Debug, Clone, Copy)]
+pub struct Table {
+    pub name: &'static str,
+    /// Rows whose `time_column` is older than the retention go.
+    pub time_column: &'static str,
+    /// What else a row must satisfy to go (SQL on the table's own columns).
+    pub extra: Option<&'static str>,
+    pub find: Find,
+    /// Lock the rows before deleting them, skipping rows someone else holds (tables whose old
+    /// rows are still updated: alerts are back-filled and resolved in place).
+    pub skip_locked: bool,
+    pub children: Option<Children>,
+    pub retention: fn(&RetentionSettings) -> Duration,
+}
+
+impl Table {
+    /// A table written per event, found through a BRIN index on `time_column`.
+    pub const fn brin(
+        name: &'static str,
+        time_column: &'static str,
+        index: &'static str,
+        retention: fn(&RetentionSettings) -> Duration,
+    ) -> Self {
+        Self {
+            name,
+            time_column,
+            extra: None,
+            find: Find::Brin { index },
+            skip_locked: false,
+            children: None,
+            retention,
+        }
+    }
+}
+
+/// Everything pruned, in the order swept: outbox rows before the alerts they reference.
+pub const TABLES: &[Table] = &[
+    Table {
+        name: "alert_outbox",
+        time_column: "delivered_at",
+        // `delivered_at < cutoff` already excludes undelivered rows; said for the reader.
+        extra: Some("delivered_at IS NOT NULL"),
+        find: Find::Btree,
+        skip_locked: true,
+        children: None,
+        retention: |r| r.delivered_outbox,
+    },
+    Table {
+        name: "alerts",
+        time_column: "resolved_at",
+        // Never an open alert, never one whose notification is still to be delivered.
+        extra: Some(
+            "state = 'resolved' AND NOT EXISTS (SELECT 1 FROM alert_outbox pending \
+             WHERE pending.alert_id = alerts.alert_id AND pending.delivered_at IS NULL)",
+        ),
+        find: Find::Btree,
+        skip_locked: true,
+        children: Some(Children {
+            table: "alert_outbox",
+            column: "alert_id",
+            key: "alert_id",
+            only: "delivered_at IS NOT NULL",
+        }),
+        retention: |r| r.resolved_alerts,
+    },
+    Table {
+        name: "failure_warnings",
+        time_column: "window_start",
+        extra: None,
+        find: Find::Btree,
+        skip_locked: false,
+        children: None,
+        retention: |r| r.failure_warnings,
+    },
+    Table::brin(
+        "failed_executions",
+        "failed_at",
+        "failed_executions_failed_at",
+        |r| r.failed_executions,
+    ),
+    Table::brin(
+        "webhook_events",
+        "processed_at",
+        "webhook_events_processed_at",
+        |r| r.dedup.keys,
+    ),
+];
+
+/// Every table a prune can delete from (the `table` label of the metrics).
+pub fn pruned_table_names() -> BTreeSet<&'static str> {
+    TABLES
+        .iter()
+        .flat_map(|t| std::iter::once(t.name).chain(t.children.map(|c| c.table)))
+        .collect()
+}
+
+/// The one statement of a batch: delete up to `$2` rows older than `$1`. Returns the rows
+/// deleted, the first block of every BRIN range they were in (`$3` blocks per range), and the
+/// children deleted with them.
+fn batch_sql(table: &Table) -> String {
+    let Table {
+        name, time_column, ..
+    } = table;
+    let extra = table
+        .extra
+        .map(|e| format!(" AND ({e})"))
+        .unwrap_or_default();
+    let order = match table.find {
+        Find::Btree => format!(" ORDER BY {time_column}"),
+        Find::Brin { .. } => String::new(),
+    };
+    let lock = if table.skip_locked {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let (key, children, children_count) = match table.children {
+        Some(c) => (
+            format!(", {}", c.key),
+            format!(
+                ", children AS (DELETE FROM {} WHERE {} IN (SELECT {} FROM doomed) AND ({}) RETURNING 1)",
+                c.table, c.column, c.key, c.only
+            ),
+            "(SELECT count(*) FROM children)",
+        ),
+        None => (String::new(), String::new(), "0::int8"),
+    };
+    // `ctid = ANY(ARRAY(..))` is a TID scan; `ctid IN (..)` would be a join over the table.
+    format!(
+        "WITH doomed AS (
+            SELECT ctid{key} FROM {name}
+            WHERE {time_column} < $1{extra}{order}
+            LIMIT $2{lock}
+        ){children}, gone AS (
+            DELETE FROM {name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
+            RETURNING (ctid::text::point)[0]::int8 / $3 * $3 AS range_start
+        )
+        SELECT count(*)::int8, coalesce(array_agg(DISTINCT range_start), '{{}}')::int8[],
+               {children_count}
+        FROM gone"
+    )
+}
+
+/// What one table's part of a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableSwept {
+    pub table: &'static str,
+    pub rows: u64,
+    /// Rows of the children table ([`Table::children`]) deleted with them.
+    pub children: u64,
+    pub batches: u64,
+    /// The most rows one batch deleted (never more than the batch size).
+    pub largest_batch: u64,
+    pub ranges_resummarized: u64,
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default)]
+pub struct Swept {
+    pub tables: Vec<TableSwept>,
+    pub elapsed: Duration,
+    /// Every table was swept to its end (no shutdown, no error on the way).
+    pub complete: bool,
+}
+
+impl Swept {
+    pub fn table(&self, name: &str) -> Option<&TableSwept> {
+        self.tables.iter().find(|t| t.table == name)
+    }
+
+    /// Rows deleted from `name`, as itself or as the children of another table.
+    pub fn rows(&self, name: &str) -> u64 {
+        self.tables
+            .iter()
+            .map(|t| {
+                let as_children = TABLES
+                    .iter()
+                    .find(|x| x.name == t.table)
+                    .and_then(|x| x.children)
+                    .is_some_and(|c| c.table == name);
+                (if t.table == name { t.rows } else { 0 })
+                    + (if as_children { t.children } else { 0 })
+            })
+            .sum()
+    }
+
+    pub fn total_rows(&self) -> u64 {
+        self.tables.iter().map(|t| t.rows + t.children).sum()
+    }
+}
+
+#[derive(Debug)]
+pub enum Sweep {
+    Swept(Swept),
+    /// Another worker holds [`RETENTION_LOCK`]: nothing was done.
+    Locked,
+}
+
+/// Prepare a connection for sweeping: its own name in `pg_stat_activity`, a short lock wait,
+/// and index access only (a sequential scan per batch would read the whole table each time).
+pub async fn prepare_session(client: &Client, settings: &RetentionSettings) -> Result<(), DbError> {
+    client
+        .batch_execute(&format!(
+            "SET application_name = 'catena-ingest retention';
+             SET lock_timeout = '{}ms';
+             SET statement_timeout = '60s';
+             SET enable_seqscan = off;",
+            settings.lock_timeout.as_millis().max(1)
+        ))
+        .await?;
+    Ok(())
+}
+
+/// One sweep over [`TABLES`] on `client` (prepared with [`prepare_session`]), unless another
+/// worker is sweeping. Stops early, with what it did so far, when `shutdown` triggers.
+pub async fn sweep(
+    client: &Client,
+    settings: &RetentionSettings,
+    metrics: Option<&RetentionMetrics>,
+    shutdown: &Shutdown,
+) -> Result<Sweep, DbError> {
+    sweep_tables(client, TABLES, settings, metrics, shutdown).await
+}
+
+pub async fn sweep_tables(
+    client: &Client,
+    tables: &[Table],
+    settings: &RetentionSettings,
+    metrics: Option<&RetentionMetrics>,
+    shutdown: &Shutdown,
+) -> Result<Sweep, DbError> {
+    let locked: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(Sweep::Locked);
+    }
+    let started = Instant::now();
+    let mut swept = Swept {
+        complete: true,
+        ..Default::default()
+    };
+    let mut failure = None;
+    for table in tables {
+        if shutdown.is_triggered() {
+            swept.complete = false;
+            break;
+        }
+        let mut done = TableSwept {
+            table: table.name,
+            ..Default::default()
+        };
+        let result = sweep_table(client, table, settings, metrics, shutdown, &mut done).await;
+        swept.tables.push(done);
+        match result {
+            Ok(()) => {}
+            // Busy (a lock we would wait for, a timeout): the next sweep tries again; the other
+            // tables need not wait for this one.
+            Err(error) if error.classify() != Failure::Unavailable => {
+                tracing::warn!(table = table.name, %error, "retention: table not pruned this time");
+                swept.complete = false;
+            }
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK])
+        .await;
+    swept.elapsed = started.elapsed();
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(Sweep::Swept(swept)),
+    }
+}
+
+async fn sweep_table(
+    client: &Client,
+    table: &Table,
+    settings: &RetentionSettings,
+    metrics: Option<&RetentionMetrics>,
+    shutdown: &Shutdown,
+    done: &mut TableSwept,
+) -> Result<(), DbError> {
+    let retention = (table.retention)(settings);
+    // The database's clock: it wrote processed_at and delivered_at.
+    let cutoff: DateTime<Utc> = client
+        .query_one(
+            "SELECT now() - make_interval(secs => $1)",
+            &[&retention.as_secs_f64()],
+        )
+        .await?
+        .get(0);
+    let pages_per_range: i64 = match table.find {
+        Find::Brin { index } => client
+            .query_one(
+                "SELECT coalesce((SELECT option_value::int8 FROM pg_options_to_table(c.reloptions)
+                                   WHERE option_name = 'pages_per_range'), 128)
+                 FROM pg_class c WHERE c.oid = $1::text::regclass",
+                &[&index],
+            )
+            .await?
+            .get(0),
+        Find::Btree => 1,
+    };
+    let sql = batch_sql(table);
+    let statement = client.prepare(&sql).await?;
+    // BRIN ranges this sweep deleted from, and those re-summarized on the way.
+    let mut touched = BTreeSet::new();
+    let mut resummarized = BTreeSet::new();
+    loop {
+        let row = client
+            .query_one(
+                &statement,
+                &[&cutoff, &settings.batch_size, &pages_per_range],
+            )
+            .await?;
+        let rows = row.get::<_, i64>(0) as u64;
+        let ranges: Vec<i64> = row.get(1);
+        let children = row.get::<_, i64>(2) as u64;
+        done.batches += 1;
+        done.rows += rows;
+        done.children += children;
+        done.largest_batch = done.largest_batch.max(rows);
+        if let Some(m) = metrics {
+            m.pruned.with_label_values(&[table.name]).inc_by(rows);
+            if let Some(c) = table.children {
+                m.pruned.with_label_values(&[c.table]).inc_by(children);
+            }
+        }
+        touched.extend(ranges.iter().copied());
+        if (rows as i64) < settings.batch_size {
+            break;
+        }
+        if let Find::Brin { index } = table.find {
+            // The scan is in physical order: ranges before this batch's first one were emptied
+            // by earlier batches (committed a pause ago), so they can be summarized afresh now,
+            // and the next batches do not read them again.
+            let first = ranges.iter().min().copied().unwrap_or(i64::MAX);
+            let passed: Vec<i64> = touched
+                .iter()
+                .copied()
+                .filter(|r| *r < first && !resummarized.contains(r))
+                .collect();
+            if !passed.is_empty() {
+                done.ranges_resummarized += resummarize(client, index, &passed).await;
+                resummarized.extend(passed);
+            }
+        }
+        if pause(settings.batch_pause, shutdown).await {
+            break;
+        }
+    }
+    if let Find::Brin { index } = table.find
+        && !touched.is_empty()
+    {
+        // Once every snapshot that could still see the last batch's rows has moved on, summarize
+        // every range this sweep emptied (again: a range passed while a transaction could still
+        // see its rows kept them in its summary).
+        pause(
+            settings.batch_pause.max(Duration::from_millis(200)),
+            shutdown,
+        )
+        .await;
+        let all: Vec<i64> = touched.into_iter().collect();
+        done.ranges_resummarized += resummarize(client, index, &all).await;
+    }
+    Ok(())
+}
+
+/// Re-summarize BRIN ranges; on failure (it waits for no lock: vacuum or analyze may hold the
+/// table) the summaries stay wide, which costs the next sweep reads, never correctness.
+async fn resummarize(client: &Client, index: &str, ranges: &[i64]) -> u64 {
+    match client
+        .query_one(
+            "SELECT retention_resummarize($1::text::regclass, $2)",
+            &[&index, &ranges],
+        )
+        .await
+    {
+        Ok(row) => row.get::<_, i32>(0) as u64,
+        Err(error) => {
+            tracing::debug!(index, %error, "retention: BRIN ranges not re-summarized this time");
+            0
+        }
+    }
+}
+
+/// Sleep, or return true at once when shutdown triggers.
+async fn pause(duration: Duration, shutdown: &Shutdown) -> bool {
+    tokio::select! {
+        _ = shutdown.wait() => true,
+        _ = tokio::time::sleep(duration) => shutdown.is_triggered(),
+    }
+}
+
+/// Sweep every `settings.interval` until shutdown, on a connection of its own per sweep. The
+/// first sweep runs one interval (at most a minute) after start.
+pub fn spawn(
+    database_url: String,
+    settings: RetentionSettings,
+    metrics: RetentionMetrics,
+    shutdown: Shutdown,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut wait = settings.interval.min(Duration::from_secs(60));
+        loop {
+            if pause(wait, &shutdown).await {
+                break;
+            }
+            wait = settings.interval;
+            let started = Instant::now();
+            let outcome = match connect(&database_url, &settings).await {
+                Ok((client, driver)) => {
+                    let outcome = sweep(&client, &settings, Some(&metrics), &shutdown).await;
+                    drop(client);
+                    let _ = driver.await;
+                    outcome
+                }
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(Sweep::Swept(swept)) => {
+                    metrics
+                        .sweep_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    let rows = swept.total_rows();
+                    if swept.complete {
+                        metrics.sweeps.with_label_values(&["completed"]).inc();
+                        metrics.last_success.set(Utc::now().timestamp());
+                    } else {
+                        metrics.sweeps.with_label_values(&["failed"]).inc();
+                    }
+                    if rows > 0 {
+                        tracing::info!(
+                            rows,
+                            elapsed = ?swept.elapsed,
+                            tables = ?swept.tables.iter().filter(|t| t.rows + t.children > 0)
+                                .map(|t| (t.table, t.rows + t.children)).collect::<Vec<_>>(),
+                            "retention sweep pruned expired rows"
+                        );
+                    }
+                }
+                Ok(Sweep::Locked) => {
+                    metrics.sweeps.with_label_values(&["locked"]).inc();
+                }
+                Err(error) => {
+                    metrics.sweeps.with_label_values(&["failed"]).inc();
+                    tracing::warn!(%error, retry_in = %human_duration(settings.interval), "retention sweep failed");
+                }
+            }
+        }
+    })
+}
+
+async fn connect(
+    database_url: &str,
+    settings: &RetentionSettings,
+) -> Result<(Client, JoinHandle<()>), DbError> {
+    let mut target = store::target(database_url)?;
+    target.config.connect_timeout(Duration::from_secs(5));
+    let (client, driver) = store::connect(target).await?;
+    prepare_session(&client, settings).await?;
+    Ok((client, driver))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_rows_go_before_the_alerts_they_reference() {
+        let position = |name| TABLES.iter().position(|t| t.name == name).unwrap();
+        assert!(position("alert_outbox") < position("alerts"));
+        let alerts = &TABLES[position("alerts")];
+        assert_eq!(alerts.children.unwrap().table, "alert_outbox");
+        assert!(alerts.extra.unwrap().contains("state = 'resolved'"));
+        assert!(alerts.skip_locked);
+    }
+
+    #[test]
+    fn every_table_is_labelled() {
+        assert_eq!(
+            pruned_table_names().into_iter().collect::<Vec<_>>(),
+            [
+                "alert_outbox",
+                "alerts",
+                "failed_executions",
+                "failure_warnings",
+                "webhook_events"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_is_one_bounded_tid_delete() {
+        let sql = batch_sql(&TABLES[1]);
+        assert!(sql.contains("LIMIT $2 FOR UPDATE SKIP LOCKED"), "{sql}");
+        assert!(sql.contains("ORDER BY resolved_at"), "{sql}");
+        assert!(
+            sql.contains(
+                "DELETE FROM alert_outbox WHERE alert_id IN (SELECT alert_id FROM doomed) \
+                 AND (delivered_at IS NOT NULL)"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("ctid = ANY(ARRAY(SELECT ctid FROM doomed))"),
+            "{sql}"
+        );
+        let events = batch_sql(TABLES.last().unwrap());
+        assert!(
+            !events.contains("ORDER BY") && !events.contains("FOR UPDATE"),
+            "{events}"
+        );
+    }
+}
