@@ -13,6 +13,15 @@
 --   owned by whoever runs migrations, which can do nothing but that to BRIN indexes in public.
 -- * The low-volume tables get plain b-tree indexes on their retention column.
 
+-- BRIN ranges a sweep deleted from, to be summarized afresh once no snapshot can see the deleted
+-- rows any more (a summary built while they are visible still spans them): the next sweep, by
+-- whichever worker, re-summarizes these and forgets them. Written in the deleting transaction.
+CREATE TABLE retention_brin_pending (
+    index_name  text NOT NULL,
+    range_start bigint NOT NULL,
+    PRIMARY KEY (index_name, range_start)
+);
+
 CREATE INDEX failed_executions_failed_at ON failed_executions USING brin (failed_at);
 CREATE INDEX failure_warnings_window_start ON failure_warnings (window_start);
 CREATE INDEX alerts_resolved_at ON alerts (resolved_at) WHERE state = 'resolved';

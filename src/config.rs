@@ -326,12 +326,12 @@ pub const REPLAY_MARGIN: Duration = Duration::from_secs(86_400);
 pub struct DedupRetention {
     /// Keep dedup keys (`webhook_events` rows) this long after they were processed. At least
     /// Catena's 14-day DLQ replay horizon plus PARKING_LOT_HORIZON (checked at start).
-    #[arg(id = "retention_dedup_keys", long = "retention-dedup-keys", env = "RETENTION_DEDUP_KEYS", default_value = "21d", value_parser = parse_duration)]
+    #[arg(id = "retention_dedup_keys", long = "retention-dedup-keys", env = "RETENTION_DEDUP_KEYS", default_value = "21d", value_name = "DURATION", value_parser = parse_duration)]
     pub keys: Duration,
 
     /// How long a message may wait in the parking lot and still be replayed safely, on top of
     /// Catena's 14 days.
-    #[arg(id = "parking_lot_horizon", long = "parking-lot-horizon", env = "PARKING_LOT_HORIZON", default_value = "7d", value_parser = parse_duration)]
+    #[arg(id = "parking_lot_horizon", long = "parking-lot-horizon", env = "PARKING_LOT_HORIZON", default_value = "7d", value_name = "DURATION", value_parser = parse_duration)]
     pub parking_lot_horizon: Duration,
 }
 
@@ -369,7 +369,7 @@ pub fn human_duration(d: Duration) -> String {
         return format!("{}ms", d.as_millis());
     }
     for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s % size == 0 {
+        if s.is_multiple_of(size) {
             return format!("{}{unit}", s / size);
         }
     }
@@ -390,36 +390,36 @@ pub struct RetentionSettings {
     /// Keep `failed_executions` rows this long after the failure (event time). At least the
     /// dedup-key retention plus EXECUTION_FAILURE_WINDOW, so a late or replayed failure is still
     /// counted once and against the right window.
-    #[arg(id = "retention_failed_executions", long = "retention-failed-executions", env = "RETENTION_FAILED_EXECUTIONS", default_value = "30d", value_parser = parse_duration)]
+    #[arg(id = "retention_failed_executions", long = "retention-failed-executions", env = "RETENTION_FAILED_EXECUTIONS", default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
     pub failed_executions: Duration,
 
     /// Keep `failure_warnings` rows (the once-per-window escalations) this long after their
     /// window started. At least the dedup-key retention plus EXECUTION_FAILURE_WINDOW.
-    #[arg(id = "retention_failure_warnings", long = "retention-failure-warnings", env = "RETENTION_FAILURE_WARNINGS", default_value = "30d", value_parser = parse_duration)]
+    #[arg(id = "retention_failure_warnings", long = "retention-failure-warnings", env = "RETENTION_FAILURE_WARNINGS", default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
     pub failure_warnings: Duration,
 
     /// Keep delivered `alert_outbox` rows this long after delivery (undelivered rows are never
     /// pruned).
-    #[arg(id = "retention_delivered_outbox", long = "retention-delivered-outbox", env = "RETENTION_DELIVERED_OUTBOX", default_value = "30d", value_parser = parse_duration)]
+    #[arg(id = "retention_delivered_outbox", long = "retention-delivered-outbox", env = "RETENTION_DELIVERED_OUTBOX", default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
     pub delivered_outbox: Duration,
 
     /// Keep resolved alerts (the alert history) this long after they resolved. Open alerts, and
     /// alerts with an undelivered notification, are never pruned. At least the dedup-key
     /// retention: an event never reopens an alert newer than itself, so alerts must outlive
     /// the events that could still arrive.
-    #[arg(id = "retention_resolved_alerts", long = "retention-resolved-alerts", env = "RETENTION_RESOLVED_ALERTS", default_value = "90d", value_parser = parse_duration)]
+    #[arg(id = "retention_resolved_alerts", long = "retention-resolved-alerts", env = "RETENTION_RESOLVED_ALERTS", default_value = "90d", value_name = "DURATION", value_parser = parse_duration)]
     pub resolved_alerts: Duration,
 
     /// How often a worker looks for expired rows (one worker at a time prunes).
-    #[arg(id = "retention_interval", long = "retention-interval", env = "RETENTION_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    #[arg(id = "retention_interval", long = "retention-interval", env = "RETENTION_INTERVAL", default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
     pub interval: Duration,
 
     /// Most rows deleted per transaction.
-    #[arg(id = "retention_batch_size", long = "retention-batch-size", env = "RETENTION_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..).map(i64::from))]
+    #[arg(id = "retention_batch_size", long = "retention-batch-size", env = "RETENTION_BATCH_SIZE", default_value_t = 1000, value_name = "ROWS", value_parser = clap::value_parser!(u32).range(1..).map(i64::from))]
     pub batch_size: i64,
 
     /// Pause between two batches, so pruning never competes with ingestion for long.
-    #[arg(id = "retention_batch_pause", long = "retention-batch-pause", env = "RETENTION_BATCH_PAUSE", default_value = "50ms", value_parser = parse_duration)]
+    #[arg(id = "retention_batch_pause", long = "retention-batch-pause", env = "RETENTION_BATCH_PAUSE", default_value = "50ms", value_name = "DURATION", value_parser = parse_duration)]
     pub batch_pause: Duration,
 
     /// Do not prune (another process or an archiver does it).

@@ -13,8 +13,10 @@
 //!   than any event being applied;
 //! - deletes each table's expired rows `RETENTION_BATCH_SIZE` at a time, each batch one
 //!   statement (its own short transaction), pausing `RETENTION_BATCH_PAUSE` between batches;
-//! - re-summarizes the BRIN ranges it emptied (see `migrations/0005_retention.sql` for why), so
-//!   the next batch and the next sweep do not read them again.
+//! - re-summarizes the BRIN ranges it emptied (see `migrations/0005_retention.sql` for why):
+//!   those it has passed, after each batch, so the next batches do not read them again, and all
+//!   of them once more at the start of the next sweep (`retention_brin_pending`), when no
+//!   snapshot can still see the deleted rows.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -154,7 +156,8 @@ pub fn pruned_table_names() -> BTreeSet<&'static str> {
 
 /// The one statement of a batch: delete up to `$2` rows older than `$1`. Returns the rows
 /// deleted, the first block of every BRIN range they were in (`$3` blocks per range), and the
-/// children deleted with them.
+/// children deleted with them. For a BRIN table the same transaction records those ranges in
+/// `retention_brin_pending` under the index `$4`, so no deletion goes without its re-summary.
 fn batch_sql(table: &Table) -> String {
     let Table {
         name, time_column, ..
@@ -183,6 +186,13 @@ fn batch_sql(table: &Table) -> String {
         ),
         None => (String::new(), String::new(), "0::int8"),
     };
+    let pending = match table.find {
+        Find::Brin { .. } => {
+            ", pending AS (INSERT INTO retention_brin_pending (index_name, range_start)
+                SELECT DISTINCT $4::text, range_start FROM gone ON CONFLICT DO NOTHING)"
+        }
+        Find::Btree => "",
+    };
     // `ctid = ANY(ARRAY(..))` is a TID scan; `ctid IN (..)` would be a join over the table.
     format!(
         "WITH doomed AS (
@@ -192,7 +202,7 @@ fn batch_sql(table: &Table) -> String {
         ){children}, gone AS (
             DELETE FROM {name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
             RETURNING (ctid::text::point)[0]::int8 / $3 * $3 AS range_start
-        )
+        ){pending}
         SELECT count(*)::int8, coalesce(array_agg(DISTINCT range_start), '{{}}')::int8[],
                {children_count}
         FROM gone"
@@ -364,18 +374,63 @@ async fn sweep_table(
             .get(0),
         Find::Btree => 1,
     };
-    let sql = batch_sql(table);
-    let statement = client.prepare(&sql).await?;
+    let index = match table.find {
+        Find::Brin { index } => Some(index),
+        Find::Btree => None,
+    };
+    if let Some(index) = index {
+        // What earlier sweeps emptied: by now no snapshot sees those rows, so the summaries
+        // come out tight.
+        let pending: Vec<i64> = client
+            .query(
+                "SELECT range_start FROM retention_brin_pending WHERE index_name = $1
+                 ORDER BY range_start",
+                &[&index],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for chunk in pending.chunks(RESUMMARIZE_CHUNK) {
+            let summarized = resummarize(client, index, chunk).await;
+            if summarized.is_some() {
+                client
+                    .execute(
+                        "DELETE FROM retention_brin_pending
+                         WHERE index_name = $1 AND range_start = ANY($2)",
+                        &[&index, &chunk],
+                    )
+                    .await?;
+            }
+            done.ranges_resummarized += summarized.unwrap_or(0);
+        }
+    }
+    let statement = client.prepare(&batch_sql(table)).await?;
+    let index_param = index.unwrap_or("");
     // BRIN ranges this sweep deleted from, and those re-summarized on the way.
     let mut touched = BTreeSet::new();
     let mut resummarized = BTreeSet::new();
     loop {
-        let row = client
-            .query_one(
-                &statement,
-                &[&cutoff, &settings.batch_size, &pages_per_range],
-            )
-            .await?;
+        let row = if index.is_some() {
+            client
+                .query_one(
+                    &statement,
+                    &[
+                        &cutoff,
+                        &settings.batch_size,
+                        &pages_per_range,
+                        &index_param,
+                    ],
+                )
+                .await?
+        } else {
+            client
+                .query_one(
+                    &statement,
+                    &[&cutoff, &settings.batch_size, &pages_per_range],
+                )
+                .await?
+        };
         let rows = row.get::<_, i64>(0) as u64;
         let ranges: Vec<i64> = row.get(1);
         let children = row.get::<_, i64>(2) as u64;
@@ -393,10 +448,10 @@ async fn sweep_table(
         if (rows as i64) < settings.batch_size {
             break;
         }
-        if let Find::Brin { index } = table.find {
+        if let Some(index) = index {
             // The scan is in physical order: ranges before this batch's first one were emptied
-            // by earlier batches (committed a pause ago), so they can be summarized afresh now,
-            // and the next batches do not read them again.
+            // by earlier batches, committed a pause ago. Summarized afresh now, the next batches
+            // do not read them again (the next sweep does it once more, for good).
             let first = ranges.iter().min().copied().unwrap_or(i64::MAX);
             let passed: Vec<i64> = touched
                 .iter()
@@ -404,7 +459,7 @@ async fn sweep_table(
                 .filter(|r| *r < first && !resummarized.contains(r))
                 .collect();
             if !passed.is_empty() {
-                done.ranges_resummarized += resummarize(client, index, &passed).await;
+                done.ranges_resummarized += resummarize(client, index, &passed).await.unwrap_or(0);
                 resummarized.extend(passed);
             }
         }
@@ -412,26 +467,17 @@ async fn sweep_table(
             break;
         }
     }
-    if let Find::Brin { index } = table.find
-        && !touched.is_empty()
-    {
-        // Once every snapshot that could still see the last batch's rows has moved on, summarize
-        // every range this sweep emptied (again: a range passed while a transaction could still
-        // see its rows kept them in its summary).
-        pause(
-            settings.batch_pause.max(Duration::from_millis(200)),
-            shutdown,
-        )
-        .await;
-        let all: Vec<i64> = touched.into_iter().collect();
-        done.ranges_resummarized += resummarize(client, index, &all).await;
-    }
     Ok(())
 }
 
-/// Re-summarize BRIN ranges; on failure (it waits for no lock: vacuum or analyze may hold the
-/// table) the summaries stay wide, which costs the next sweep reads, never correctness.
-async fn resummarize(client: &Client, index: &str, ranges: &[i64]) -> u64 {
+/// Ranges re-summarized per call (each reads up to a range of heap pages under the table's
+/// SHARE UPDATE EXCLUSIVE lock, which vacuum also takes: keep it short).
+const RESUMMARIZE_CHUNK: usize = 64;
+
+/// Re-summarize BRIN ranges: how many were summarized, or `None` if it could not be done now
+/// (it waits for no lock, and vacuum or analyze may hold the table). A summary left wide costs
+/// reads, never correctness; the pending list keeps the range for the next sweep.
+async fn resummarize(client: &Client, index: &str, ranges: &[i64]) -> Option<u64> {
     match client
         .query_one(
             "SELECT retention_resummarize($1::text::regclass, $2)",
@@ -439,10 +485,10 @@ async fn resummarize(client: &Client, index: &str, ranges: &[i64]) -> u64 {
         )
         .await
     {
-        Ok(row) => row.get::<_, i32>(0) as u64,
+        Ok(row) => Some(row.get::<_, i32>(0) as u64),
         Err(error) => {
             tracing::debug!(index, %error, "retention: BRIN ranges not re-summarized this time");
-            0
+            None
         }
     }
 }

@@ -177,10 +177,14 @@ async fn a_sweep_prunes_every_expired_row_and_nothing_else() {
     }
     assert_eq!(swept.table("webhook_events").unwrap().batches, 5); // 7+7+7+7+2
 
-    // Nothing is left to do.
+    // Nothing is left to do but summarize afresh the BRIN ranges the first sweep emptied.
+    assert!(db.count(PENDING).await > 0);
     let again = sweep(&db, &settings).await;
     assert_eq!(again.total_rows(), 0, "{again:?}");
+    assert_eq!(db.count(PENDING).await, 0);
 }
+
+const PENDING: &str = "SELECT count(*) FROM retention_brin_pending";
 
 /// Explain `sql` and return how many heap blocks its bitmap heap scan read.
 async fn heap_blocks_read(client: &tokio_postgres::Client, sql: &str) -> i64 {
@@ -235,11 +239,19 @@ async fn a_large_purge_keeps_the_brin_index_tight_across_vacuum_and_reuse() {
     assert!(events.ranges_resummarized > 0, "{events:?}");
     assert_eq!(db.count("SELECT count(*) FROM webhook_events").await, 5_000);
 
-    // Vacuum gives the emptied pages to new rows; then look for expired rows the way the purge
-    // does. Without fresh summaries, every reused range still claims its old minimum and the
-    // index selects them all (`migrations/0005_retention.sql`).
+    // Vacuum gives the emptied pages to new rows, the next sweep summarizes afresh what the
+    // first one emptied; then look for expired rows the way the purge does. Without fresh
+    // summaries, every reused range still claims its old minimum and the index selects them all
+    // (`migrations/0005_retention.sql`).
     admin.batch_execute("VACUUM webhook_events").await.unwrap();
     dedup_keys(&db, "reuse-", 60_000, "1 minute").await;
+    let next = sweep(&db, &settings).await;
+    assert_eq!(next.total_rows(), 0);
+    assert!(
+        next.table("webhook_events").unwrap().ranges_resummarized > 0,
+        "{next:?}"
+    );
+    assert_eq!(db.count(PENDING).await, 0, "every pending range summarized");
     let grown: i64 = admin
         .query_one(
             "SELECT pg_relation_size('webhook_events') / current_setting('block_size')::int8",
@@ -477,6 +489,13 @@ async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
     .await
     .unwrap();
     assert_eq!((dry.matched, dry.too_old, dry.replayed), (2, 1, 0));
+    // The dry run's messages go back to the (quorum) queue asynchronously after it closes.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            p.parked_len().await == 2
+        })
+        .await
+    );
 
     // The CLI replays the recent one, names the old one loudly and exits non-zero.
     let out = p.cli(&["parked", "replay"]).output().await;
@@ -514,6 +533,12 @@ async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
     .await
     .unwrap();
     assert_eq!((dry.matched, dry.too_old), (1, 0));
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            p.parked_len().await == 1
+        })
+        .await
+    );
     let forced = parked::replay(
         AMQP_URL,
         &names,
