@@ -24,9 +24,8 @@ CREATE TABLE retention_brin_pending (
 
 CREATE INDEX failed_executions_failed_at ON failed_executions USING brin (failed_at);
 CREATE INDEX failure_warnings_window_start ON failure_warnings (window_start);
-CREATE INDEX alerts_resolved_at ON alerts (resolved_at) WHERE state = 'resolved';
 CREATE INDEX alert_outbox_delivered_at ON alert_outbox (delivered_at) WHERE delivered_at IS NOT NULL;
--- The outbox rows of an alert (pruned with it; also what the foreign key checks on delete).
+-- An alert's outbox rows (pruned together).
 CREATE INDEX alert_outbox_alert_id ON alert_outbox (alert_id);
 
 -- Re-summarize the given block ranges of a BRIN index in public: drop each range's summary and

@@ -398,17 +398,10 @@ pub struct RetentionSettings {
     #[arg(id = "retention_failure_warnings", long = "retention-failure-warnings", env = "RETENTION_FAILURE_WARNINGS", default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
     pub failure_warnings: Duration,
 
-    /// Keep delivered `alert_outbox` rows this long after delivery (undelivered rows are never
-    /// pruned).
+    /// Keep delivered `alert_outbox` rows this long after delivery. Never pruned: an undelivered
+    /// row, the rows of an open alert, and an alert's rows before the last of them is this old.
     #[arg(id = "retention_delivered_outbox", long = "retention-delivered-outbox", env = "RETENTION_DELIVERED_OUTBOX", default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
     pub delivered_outbox: Duration,
-
-    /// Keep resolved alerts (the alert history) this long after they resolved. Open alerts, and
-    /// alerts with an undelivered notification, are never pruned. At least the dedup-key
-    /// retention: an event never reopens an alert newer than itself, so alerts must outlive
-    /// the events that could still arrive.
-    #[arg(id = "retention_resolved_alerts", long = "retention-resolved-alerts", env = "RETENTION_RESOLVED_ALERTS", default_value = "90d", value_name = "DURATION", value_parser = parse_duration)]
-    pub resolved_alerts: Duration,
 
     /// How often a worker looks for expired rows (one worker at a time prunes).
     #[arg(id = "retention_interval", long = "retention-interval", env = "RETENTION_INTERVAL", default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
@@ -455,14 +448,6 @@ impl RetentionSettings {
                     human_duration(floor)
                 ));
             }
-        }
-        if self.resolved_alerts < keys {
-            return Err(format!(
-                "RETENTION_RESOLVED_ALERTS is {}, below RETENTION_DEDUP_KEYS ({}): a replayed \
-                 event could reopen an alert whose history was pruned",
-                human_duration(self.resolved_alerts),
-                human_duration(keys)
-            ));
         }
         if self.delivered_outbox.is_zero() || self.interval.is_zero() {
             return Err(
@@ -560,7 +545,7 @@ mod tests {
             retention.dedup.parking_lot_horizon,
             Duration::from_secs(7 * 86_400)
         );
-        assert_eq!(retention.resolved_alerts, Duration::from_secs(90 * 86_400));
+        assert_eq!(retention.delivered_outbox, Duration::from_secs(30 * 86_400));
         assert_eq!(retention.batch_size, 1000);
         assert!(!retention.disabled);
         assert_eq!(retention.validate(&worker.rules), Ok(()));
@@ -601,15 +586,6 @@ mod tests {
         let mut warnings = worker.retention;
         warnings.failure_warnings = 21 * day;
         assert!(warnings.validate(&rules).is_err());
-
-        let mut alerts = worker.retention;
-        alerts.resolved_alerts = 20 * day;
-        assert!(
-            alerts
-                .validate(&rules)
-                .unwrap_err()
-                .starts_with("RETENTION_RESOLVED_ALERTS")
-        );
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //! [`telemetry`], [`shutdown`].
 //!
 //! [`retention`] prunes what grows per event (dedup keys, failed executions, warnings,
-//! delivered notifications, resolved alerts) in small batches, one worker at a time.
+//! delivered notifications, the bodies of ignored events) in small batches, one worker at a time.
 //!
 //! Around the pipeline: [`ops`] (what the operator commands `parked`, `fleet` and `alerts` do)
 //! and [`loadgen`] (scenarios, Catena-style sending, end-to-end reports).

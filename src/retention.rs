@@ -63,7 +63,7 @@ pub struct Table {
     pub name: &'static str,
     /// Rows whose `time_column` is older than the retention go.
     pub time_column: &'static str,
-    /// What else a row must satisfy to go (SQL on the table's own columns).
+    /// What else a row must satisfy to go (SQL on the table's own columns; `$1` is the cutoff).
     pub extra: Option<&'static str>,
     pub find: Find,
     /// Lock the rows before deleting them, skipping rows someone else holds (tables whose old
@@ -93,42 +93,41 @@ impl Table {
     }
 }
 
-/// Everything pruned, in the order swept: outbox rows before the alerts they reference.
+/// Everything pruned, in the order swept.
+///
+/// Not here: `alerts` and `status_observations`. Alert rows are the episodes of the status
+/// timelines (`state::episodes`), rebuilt for a subject whenever an event touches it: a resolved
+/// alert pruned without its observations comes back with the next event, and observations pruned
+/// inside an episode make it look new (and page). They can only go together, per subject, cut
+/// at an episode boundary (README, "Retention").
 pub const TABLES: &[Table] = &[
     Table {
         name: "alert_outbox",
         time_column: "delivered_at",
-        // `delivered_at < cutoff` already excludes undelivered rows; said for the reader.
-        extra: Some("delivered_at IS NOT NULL"),
+        // An alert's notifications go together, once it is resolved and the last of them was
+        // delivered before the cutoff (`$1`); warnings (no alert) one by one. Never an
+        // undelivered row.
+        extra: Some(
+            "delivered_at IS NOT NULL AND (alert_id IS NULL OR (
+                NOT EXISTS (SELECT 1 FROM alerts a
+                            WHERE a.alert_id = alert_outbox.alert_id AND a.state <> 'resolved')
+                AND NOT EXISTS (SELECT 1 FROM alert_outbox later
+                                WHERE later.alert_id = alert_outbox.alert_id
+                                  AND (later.delivered_at IS NULL OR later.delivered_at >= $1))))",
+        ),
         find: Find::Btree,
+        // The notifier claims rows with FOR UPDATE SKIP LOCKED: skip its rows likewise.
         skip_locked: true,
         children: None,
         retention: |r| r.delivered_outbox,
-    },
-    Table {
-        name: "alerts",
-        time_column: "resolved_at",
-        // Never an open alert, never one whose notification is still to be delivered.
-        extra: Some(
-            "state = 'resolved' AND NOT EXISTS (SELECT 1 FROM alert_outbox pending \
-             WHERE pending.alert_id = alerts.alert_id AND pending.delivered_at IS NULL)",
-        ),
-        find: Find::Btree,
-        skip_locked: true,
-        children: Some(Children {
-            table: "alert_outbox",
-            column: "alert_id",
-            key: "alert_id",
-            only: "delivered_at IS NOT NULL",
-        }),
-        retention: |r| r.resolved_alerts,
     },
     Table {
         name: "failure_warnings",
         time_column: "window_start",
         extra: None,
         find: Find::Btree,
-        skip_locked: false,
+        // A late failure raises a window's count in place.
+        skip_locked: true,
         children: None,
         retention: |r| r.failure_warnings,
     },
@@ -138,12 +137,22 @@ pub const TABLES: &[Table] = &[
         "failed_executions_failed_at",
         |r| r.failed_executions,
     ),
-    Table::brin(
-        "webhook_events",
-        "processed_at",
-        "webhook_events_processed_at",
-        |r| r.dedup.keys,
-    ),
+    Table {
+        // The bodies of ignored events go with their keys (the foreign key cascades too; said
+        // here, they are counted).
+        children: Some(Children {
+            table: "ignored_events",
+            column: "event_key",
+            key: "event_key",
+            only: "true",
+        }),
+        ..Table::brin(
+            "webhook_events",
+            "processed_at",
+            "webhook_events_processed_at",
+            |r| r.dedup.keys,
+        )
+    },
 ];
 
 /// Every table a prune can delete from (the `table` label of the metrics).
@@ -576,13 +585,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn outbox_rows_go_before_the_alerts_they_reference() {
-        let position = |name| TABLES.iter().position(|t| t.name == name).unwrap();
-        assert!(position("alert_outbox") < position("alerts"));
-        let alerts = &TABLES[position("alerts")];
-        assert_eq!(alerts.children.unwrap().table, "alert_outbox");
-        assert!(alerts.extra.unwrap().contains("state = 'resolved'"));
-        assert!(alerts.skip_locked);
+    fn alerts_and_their_timelines_are_not_pruned_and_undelivered_rows_never() {
+        assert!(
+            TABLES
+                .iter()
+                .all(|t| t.name != "alerts" && t.name != "status_observations")
+        );
+        let outbox = TABLES.iter().find(|t| t.name == "alert_outbox").unwrap();
+        assert!(
+            outbox
+                .extra
+                .unwrap()
+                .starts_with("delivered_at IS NOT NULL")
+        );
+        assert!(outbox.skip_locked);
     }
 
     #[test]
@@ -591,9 +607,9 @@ mod tests {
             pruned_table_names().into_iter().collect::<Vec<_>>(),
             [
                 "alert_outbox",
-                "alerts",
                 "failed_executions",
                 "failure_warnings",
+                "ignored_events",
                 "webhook_events"
             ]
         );
@@ -601,23 +617,29 @@ mod tests {
 
     #[test]
     fn a_batch_is_one_bounded_tid_delete() {
-        let sql = batch_sql(&TABLES[1]);
-        assert!(sql.contains("LIMIT $2 FOR UPDATE SKIP LOCKED"), "{sql}");
-        assert!(sql.contains("ORDER BY resolved_at"), "{sql}");
+        let outbox = batch_sql(&TABLES[0]);
         assert!(
-            sql.contains(
-                "DELETE FROM alert_outbox WHERE alert_id IN (SELECT alert_id FROM doomed) \
-                 AND (delivered_at IS NOT NULL)"
-            ),
-            "{sql}"
+            outbox.contains("LIMIT $2 FOR UPDATE SKIP LOCKED"),
+            "{outbox}"
         );
+        assert!(outbox.contains("ORDER BY delivered_at"), "{outbox}");
         assert!(
-            sql.contains("ctid = ANY(ARRAY(SELECT ctid FROM doomed))"),
-            "{sql}"
+            outbox.contains("ctid = ANY(ARRAY(SELECT ctid FROM doomed))"),
+            "{outbox}"
         );
         let events = batch_sql(TABLES.last().unwrap());
         assert!(
             !events.contains("ORDER BY") && !events.contains("FOR UPDATE"),
+            "{events}"
+        );
+        assert!(
+            events.contains(
+                "DELETE FROM ignored_events WHERE event_key IN (SELECT event_key FROM doomed)"
+            ),
+            "{events}"
+        );
+        assert!(
+            events.contains("INSERT INTO retention_brin_pending"),
             "{events}"
         );
     }

@@ -57,8 +57,9 @@ async fn dedup_keys(db: &TestDb, prefix: &str, n: i64, age: &str) {
 }
 
 /// One of everything a sweep must delete and, beside each, what it must keep: rows younger than
-/// their retention, open alerts however old, resolved alerts whose notification is undelivered,
-/// undelivered outbox rows however old.
+/// their retention, undelivered outbox rows however old, the notifications of open alerts, an
+/// alert's notifications until the last of them is old, and every alert row (alerts are
+/// episodes of the status timelines, not pruned yet: `retention::TABLES`).
 const SEED: &str = "
 INSERT INTO failed_executions (execution_id, schedule_id, failed_at)
 SELECT gen_random_uuid(), gen_random_uuid(), now() - interval '40 days' FROM generate_series(1, 12);
@@ -71,30 +72,38 @@ SELECT gen_random_uuid(), now() - interval '40 days', 4 FROM generate_series(1, 
 INSERT INTO failure_warnings (schedule_id, window_start, failures)
 SELECT gen_random_uuid(), now() - interval '2 days', 4 FROM generate_series(1, 3);
 
+-- The bodies of ignored events go with their dedup keys.
+INSERT INTO ignored_events (event_key, event_name, body)
+SELECT 'old-' || i, 'fleet.renamed', '{}'::bytea FROM generate_series(1, 3) i;
+INSERT INTO ignored_events (event_key, event_name, body)
+SELECT 'new-' || i, 'fleet.renamed', '{}'::bytea FROM generate_series(1, 2) i;
+
 INSERT INTO alerts (alert_id, kind, subject_id, state, opened_at, resolved_at) VALUES
-  -- resolved long ago, notifications delivered long ago: goes, with its outbox rows
   ('00000000-0000-0000-0000-0000000000a1', 'connection_stale', gen_random_uuid(), 'resolved', now() - interval '101 days', now() - interval '100 days'),
-  -- resolved long ago, notifications delivered yesterday (a late sink): goes, and its outbox rows with it
   ('00000000-0000-0000-0000-0000000000a2', 'connection_stale', gen_random_uuid(), 'resolved', now() - interval '101 days', now() - interval '100 days'),
-  -- resolved long ago, resolve notification not delivered yet: kept, and its outbox rows
+  ('00000000-0000-0000-0000-0000000000a3', 'connection_stale', gen_random_uuid(), 'resolved', now() - interval '101 days', now() - interval '100 days'),
   ('00000000-0000-0000-0000-0000000000b1', 'connection_stale', gen_random_uuid(), 'resolved', now() - interval '101 days', now() - interval '100 days'),
-  -- open for 200 days: kept
   ('00000000-0000-0000-0000-0000000000b2', 'schedule_deactivated', gen_random_uuid(), 'open', now() - interval '200 days', NULL),
   ('00000000-0000-0000-0000-0000000000b3', 'connection_stale', gen_random_uuid(), 'open', now() - interval '200 days', NULL),
-  -- open again (reopened in place) with the resolved_at of an earlier episode: kept
-  ('00000000-0000-0000-0000-0000000000b5', 'connection_stale', gen_random_uuid(), 'open', now() - interval '200 days', now() - interval '150 days'),
-  -- resolved ten days ago: kept
   ('00000000-0000-0000-0000-0000000000b4', 'connection_stale', gen_random_uuid(), 'resolved', now() - interval '11 days', now() - interval '10 days');
 
 INSERT INTO alert_outbox (alert_id, action, created_at, delivered_at) VALUES
+  -- resolved long ago, both notifications delivered long ago: both go
   ('00000000-0000-0000-0000-0000000000a1', 'open', now() - interval '101 days', now() - interval '101 days'),
   ('00000000-0000-0000-0000-0000000000a1', 'resolve', now() - interval '100 days', now() - interval '100 days'),
+  -- resolved long ago, delivered yesterday (a late sink): kept
   ('00000000-0000-0000-0000-0000000000a2', 'open', now() - interval '101 days', now() - interval '1 day'),
   ('00000000-0000-0000-0000-0000000000a2', 'resolve', now() - interval '100 days', now() - interval '1 day'),
+  -- the `open` delivered long ago, the `resolve` yesterday: both kept, until both are old
+  ('00000000-0000-0000-0000-0000000000a3', 'open', now() - interval '101 days', now() - interval '101 days'),
+  ('00000000-0000-0000-0000-0000000000a3', 'resolve', now() - interval '100 days', now() - interval '1 day'),
+  -- resolve not delivered yet: both kept (the old delivered `open` too)
   ('00000000-0000-0000-0000-0000000000b1', 'open', now() - interval '101 days', now() - interval '101 days'),
   ('00000000-0000-0000-0000-0000000000b1', 'resolve', now() - interval '100 days', NULL),
+  -- open alerts: kept, delivered or not
   ('00000000-0000-0000-0000-0000000000b2', 'open', now() - interval '200 days', now() - interval '200 days'),
   ('00000000-0000-0000-0000-0000000000b3', 'open', now() - interval '200 days', NULL),
+  -- recent: kept
   ('00000000-0000-0000-0000-0000000000b4', 'resolve', now() - interval '10 days', now() - interval '10 days');
 -- Execution-failure warnings (no alert row): delivered long ago go, undelivered stay, recent stay.
 INSERT INTO alert_outbox (alert_id, action, payload, created_at, delivered_at)
@@ -124,24 +133,13 @@ async fn a_sweep_prunes_every_expired_row_and_nothing_else() {
         0
     );
     assert_eq!(db.count("SELECT count(*) FROM webhook_events").await, 15);
+    assert_eq!(db.count("SELECT count(*) FROM ignored_events").await, 2);
     assert_eq!(db.count("SELECT count(*) FROM failed_executions").await, 5);
     assert_eq!(db.count("SELECT count(*) FROM failure_warnings").await, 3);
-    let alerts = db
-        .client()
-        .await
-        .query(
-            "SELECT right(alert_id::text, 2) FROM alerts ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .collect::<Vec<_>>();
     assert_eq!(
-        alerts,
-        ["b1", "b2", "b3", "b4", "b5"],
-        "open alerts and alerts with an undelivered notification stay"
+        db.count("SELECT count(*) FROM alerts").await,
+        7,
+        "no alert row is pruned"
     );
     assert_eq!(
         db.count("SELECT count(*) FROM alert_outbox WHERE delivered_at IS NULL")
@@ -155,22 +153,42 @@ async fn a_sweep_prunes_every_expired_row_and_nothing_else() {
         6,
         "old delivered warnings go, undelivered and recent ones stay"
     );
-    // b1: its delivered `open` row went (40 days after delivery), its undelivered `resolve` stayed;
-    // b2: the delivered `open` went, the undelivered stays; b3: undelivered; b4: recent.
+    let kept = db
+        .client()
+        .await
+        .query(
+            "SELECT right(alert_id::text, 2) || ' ' || action FROM alert_outbox
+             WHERE alert_id IS NOT NULL ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>();
     assert_eq!(
-        db.count("SELECT count(*) FROM alert_outbox WHERE alert_id IS NOT NULL")
-            .await,
-        3
+        kept,
+        [
+            "a2 open",
+            "a2 resolve",
+            "a3 open",
+            "a3 resolve",
+            "b1 open",
+            "b1 resolve",
+            "b2 open",
+            "b3 open",
+            "b4 resolve"
+        ],
+        "an alert's notifications go together, once it is resolved and all are old"
     );
 
     // The report says the same, and no batch was larger than the batch size.
     assert_eq!(swept.rows("webhook_events"), 30);
+    assert_eq!(swept.rows("ignored_events"), 3);
     assert_eq!(swept.rows("failed_executions"), 12);
     assert_eq!(swept.rows("failure_warnings"), 8);
-    assert_eq!(swept.rows("alerts"), 2);
-    // 9 old warnings + a1's 2 + b1's and b2's delivered `open` rows, then a2's 2 with a2.
-    assert_eq!(swept.rows("alert_outbox"), 9 + 2 + 2 + 2);
-    assert_eq!(swept.table("alerts").unwrap().children, 2);
+    assert_eq!(swept.rows("alert_outbox"), 9 + 2);
+    assert_eq!(swept.rows("alerts"), 0);
     for table in &swept.tables {
         assert!(table.largest_batch <= 7, "{table:?}");
         assert!(table.batches >= table.rows.div_ceil(7), "{table:?}");
