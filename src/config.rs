@@ -49,10 +49,12 @@ default_from_clap!(
     WorkerSettings,
     Rules,
     NotifierSettings,
+    RetentionSettings,
+    DedupRetention,
     DeliverySettings,
 );
 
-/// `250ms`, `5s`, `5m`, `1h`; a bare number is seconds (`WORKER_DRAIN_SECONDS=20`).
+/// `250ms`, `5s`, `5m`, `1h`, `21d`; a bare number is seconds (`WORKER_DRAIN_SECONDS=20`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -67,7 +69,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" | "" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("`{text}`: unit must be ms, s, m or h")),
+        "d" => Duration::from_secs(n * 86_400),
+        _ => return Err(format!("`{text}`: unit must be ms, s, m, h or d")),
     })
 }
 
@@ -310,6 +313,9 @@ pub struct WorkerSettings {
 
     #[command(flatten)]
     pub notifier: NotifierSettings,
+
+    #[command(flatten)]
+    pub retention: RetentionSettings,
 }
 
 /// Tunable state rules.
@@ -361,6 +367,153 @@ pub struct NotifierSettings {
     pub batch: i64,
 }
 
+/// Catena keeps undeliverable webhooks in its DLQ and replays them for this long: the floor of
+/// the dedup-key retention (architecture.md, "Worker"). Not a setting: it is Catena's.
+pub const CATENA_REPLAY_HORIZON: Duration = Duration::from_secs(14 * 86_400);
+
+/// `parked replay` stops this far short of the dedup-key retention, for the time a replayed
+/// message may wait in the events queue and for clock skew between the relay and PostgreSQL.
+pub const REPLAY_MARGIN: Duration = Duration::from_secs(86_400);
+
+/// How long a dedup key protects against a second application of its event. Shared by the
+/// worker (which prunes older keys) and `parked replay` (which refuses messages older than the
+/// keys that would catch their duplicates).
+#[derive(Args, Clone, Copy, Debug)]
+pub struct DedupRetention {
+    /// Keep dedup keys (`webhook_events` rows) this long after they were processed. At least
+    /// Catena's 14-day DLQ replay horizon plus PARKING_LOT_HORIZON (checked at start).
+    #[arg(id = "retention_dedup_keys", long = "retention-dedup-keys", env = "RETENTION_DEDUP_KEYS", default_value = "21d", value_name = "DURATION", value_parser = parse_duration)]
+    pub keys: Duration,
+
+    /// How long a message may wait in the parking lot and still be replayed safely, on top of
+    /// Catena's 14 days.
+    #[arg(id = "parking_lot_horizon", long = "parking-lot-horizon", env = "PARKING_LOT_HORIZON", default_value = "7d", value_name = "DURATION", value_parser = parse_duration)]
+    pub parking_lot_horizon: Duration,
+}
+
+impl DedupRetention {
+    /// The shortest dedup-key retention that still catches every duplicate Catena or our own
+    /// parking lot can deliver.
+    pub fn floor(&self) -> Duration {
+        CATENA_REPLAY_HORIZON + self.parking_lot_horizon
+    }
+
+    /// The oldest message (by relay receive time) `parked replay` replays without `--force`:
+    /// anything older may have lost the key that would make its duplicate a no-op.
+    pub fn safe_replay_age(&self) -> Duration {
+        self.keys.saturating_sub(REPLAY_MARGIN)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keys < self.floor() {
+            return Err(format!(
+                "RETENTION_DEDUP_KEYS is {}, below Catena's 14-day replay horizon plus \
+                 PARKING_LOT_HORIZON ({}): duplicates replayed after {} would be applied twice",
+                human_duration(self.keys),
+                human_duration(self.floor()),
+                human_duration(self.keys)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A duration for people: `21d`, `36h`, `90s` when exact, else `20.3d`, `4.5h`.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if s.is_multiple_of(size) {
+            return format!("{}{unit}", s / size);
+        }
+    }
+    match s {
+        86_400.. => format!("{:.1}d", s as f64 / 86_400.0),
+        3600.. => format!("{:.1}h", s as f64 / 3600.0),
+        _ => format!("{s}s"),
+    }
+}
+
+/// What the worker prunes, and how gently (README, "Retention"). Every table that grows per
+/// event is pruned in small batches by one worker at a time.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct RetentionSettings {
+    #[command(flatten)]
+    pub dedup: DedupRetention,
+
+    /// Keep `failed_executions` rows this long after the failure (event time). At least the
+    /// dedup-key retention plus EXECUTION_FAILURE_WINDOW, so a late or replayed failure is still
+    /// counted once and against the right window.
+    #[arg(id = "retention_failed_executions", long = "retention-failed-executions", env = "RETENTION_FAILED_EXECUTIONS", default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
+    pub failed_executions: Duration,
+
+    /// Keep `failure_warnings` rows (the once-per-window escalations) this long after their
+    /// window started. At least the dedup-key retention plus EXECUTION_FAILURE_WINDOW.
+    #[arg(id = "retention_failure_warnings", long = "retention-failure-warnings", env = "RETENTION_FAILURE_WARNINGS", default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
+    pub failure_warnings: Duration,
+
+    /// Keep delivered `alert_outbox` rows this long after delivery. Never pruned: an undelivered
+    /// row, the rows of an open alert, and an alert's rows before the last of them is this old.
+    #[arg(id = "retention_delivered_outbox", long = "retention-delivered-outbox", env = "RETENTION_DELIVERED_OUTBOX", default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
+    pub delivered_outbox: Duration,
+
+    /// How often a worker looks for expired rows (one worker at a time prunes).
+    #[arg(id = "retention_interval", long = "retention-interval", env = "RETENTION_INTERVAL", default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// Most rows deleted per transaction.
+    #[arg(id = "retention_batch_size", long = "retention-batch-size", env = "RETENTION_BATCH_SIZE", default_value_t = 1000, value_name = "ROWS", value_parser = clap::value_parser!(u32).range(1..).map(i64::from))]
+    pub batch_size: i64,
+
+    /// Pause between two batches, so pruning never competes with ingestion for long.
+    #[arg(id = "retention_batch_pause", long = "retention-batch-pause", env = "RETENTION_BATCH_PAUSE", default_value = "50ms", value_name = "DURATION", value_parser = parse_duration)]
+    pub batch_pause: Duration,
+
+    /// Do not prune (another process or an archiver does it).
+    #[arg(
+        id = "no_retention",
+        long = "no-retention",
+        env = "WORKER_NO_RETENTION",
+        default_value_t = false
+    )]
+    pub disabled: bool,
+
+    /// How long a prune statement waits for a lock before it gives up and tries again at the
+    /// next sweep (not a flag): pruning waits for ingestion, never the other way round.
+    #[arg(skip = Duration::from_millis(100))]
+    pub lock_timeout: Duration,
+}
+
+impl RetentionSettings {
+    /// Refuse retentions that would let a duplicate, a late event or a replay apply twice.
+    pub fn validate(&self, rules: &Rules) -> Result<(), String> {
+        self.dedup.validate()?;
+        let keys = self.dedup.keys;
+        let floor = keys + rules.failure_window;
+        for (name, value) in [
+            ("RETENTION_FAILED_EXECUTIONS", self.failed_executions),
+            ("RETENTION_FAILURE_WARNINGS", self.failure_warnings),
+        ] {
+            if value < floor {
+                return Err(format!(
+                    "{name} is {}, below RETENTION_DEDUP_KEYS plus EXECUTION_FAILURE_WINDOW ({}): \
+                     a replayed execution.failed would be counted again",
+                    human_duration(value),
+                    human_duration(floor)
+                ));
+            }
+        }
+        if self.delivered_outbox.is_zero() || self.interval.is_zero() {
+            return Err(
+                "RETENTION_DELIVERED_OUTBOX and RETENTION_INTERVAL must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// What a worker process runs with.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -402,8 +555,15 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("21d"), Ok(Duration::from_secs(21 * 86_400)));
         assert!(parse_duration("s").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("5w").is_err());
+        assert_eq!(human_duration(Duration::from_secs(21 * 86_400)), "21d");
+        assert_eq!(human_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(
+            human_duration(Duration::from_secs(30 * 86_400 + 7000)),
+            "30.1d"
+        );
     }
 
     #[test]
@@ -444,6 +604,53 @@ mod tests {
         assert_eq!(broker.names().retry_tier_count(), 4);
         assert_eq!(DatabaseSettings::default().db_pool_size, 8);
         assert_eq!(DeliverySettings::default().retries, 3);
+        let retention = worker.retention;
+        assert_eq!(retention.dedup.keys, Duration::from_secs(21 * 86_400));
+        assert_eq!(
+            retention.dedup.parking_lot_horizon,
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(retention.delivered_outbox, Duration::from_secs(30 * 86_400));
+        assert_eq!(retention.batch_size, 1000);
+        assert!(!retention.disabled);
+        assert_eq!(retention.validate(&worker.rules), Ok(()));
+        assert_eq!(
+            retention.dedup.safe_replay_age(),
+            Duration::from_secs(20 * 86_400)
+        );
+    }
+
+    #[test]
+    fn retentions_that_would_apply_a_duplicate_twice_are_refused() {
+        let worker = WorkerSettings::default();
+        let rules = worker.rules;
+        let day = Duration::from_secs(86_400);
+
+        let mut short_keys = worker.retention;
+        short_keys.dedup.keys = 20 * day; // below 14d + 7d
+        let error = short_keys.validate(&rules).unwrap_err();
+        assert!(
+            error.contains("RETENTION_DEDUP_KEYS is 20d") && error.contains("(21d)"),
+            "{error}"
+        );
+
+        let mut long_horizon = worker.retention;
+        long_horizon.dedup.parking_lot_horizon = 10 * day; // the floor moves to 24d
+        assert!(long_horizon.validate(&rules).is_err());
+        long_horizon.dedup.keys = 24 * day;
+        assert_eq!(long_horizon.validate(&rules), Ok(()));
+
+        let mut executions = worker.retention;
+        executions.failed_executions = 21 * day; // needs 21d + the 1h window
+        assert!(
+            executions
+                .validate(&rules)
+                .unwrap_err()
+                .starts_with("RETENTION_FAILED_EXECUTIONS")
+        );
+        let mut warnings = worker.retention;
+        warnings.failure_warnings = 21 * day;
+        assert!(warnings.validate(&rules).is_err());
     }
 
     #[test]

@@ -26,6 +26,9 @@
 //! one reconnect backoff), [`tls`], [`metrics`] (every metric name: a public contract),
 //! [`telemetry`], [`shutdown`].
 //!
+//! [`retention`] prunes what grows per event (dedup keys, failed executions, warnings,
+//! delivered notifications, the bodies of ignored events) in small batches, one worker at a time.
+//!
 //! Around the pipeline: [`ops`] (what the operator commands `parked`, `fleet` and `alerts` do)
 //! and [`loadgen`] (scenarios, Catena-style sending, end-to-end reports).
 
@@ -38,6 +41,7 @@ pub mod message;
 pub mod metrics;
 pub mod ops;
 pub mod relay;
+pub mod retention;
 pub mod retry;
 pub mod shutdown;
 pub mod state;

@@ -375,6 +375,72 @@ impl WorkerMetrics {
     }
 }
 
+/// The retention sweeper's metrics (registered only where it runs: `--no-retention` exports none,
+/// so the stalled-retention alert cannot fire for a worker that is told not to prune).
+#[derive(Clone)]
+pub struct RetentionMetrics {
+    pub pruned: IntCounterVec,
+    pub sweeps: IntCounterVec,
+    pub sweep_seconds: Histogram,
+    pub last_success: IntGauge,
+}
+
+impl RetentionMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let pruned = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "catena_retention_pruned_rows_total",
+                    "Expired rows deleted by the retention sweeps of this worker, by table",
+                ),
+                &["table"],
+            )
+            .unwrap(),
+        );
+        for table in crate::retention::pruned_table_names() {
+            pruned.with_label_values(&[table]);
+        }
+        let sweeps = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "catena_retention_sweeps_total",
+                    "Retention sweeps by outcome: completed, locked (another worker was sweeping), failed",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
+        for outcome in ["completed", "locked", "failed"] {
+            sweeps.with_label_values(&[outcome]);
+        }
+        Self {
+            pruned,
+            sweeps,
+            sweep_seconds: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "catena_retention_sweep_seconds",
+                        "Duration of the retention sweeps this worker ran (pauses included)",
+                    )
+                    .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0]),
+                )
+                .unwrap(),
+            ),
+            last_success: register(
+                registry,
+                IntGauge::new(
+                    "catena_retention_last_success_timestamp_seconds",
+                    "Unix time of this worker's last complete retention sweep (0: none yet; aggregate with max)",
+                )
+                .unwrap(),
+            ),
+        }
+    }
+}
+
 /// The `text/plain; version=0.0.4` exposition of a registry.
 pub fn render(registry: &Registry) -> String {
     let mut buf = Vec::with_capacity(8 * 1024);

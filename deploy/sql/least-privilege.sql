@@ -108,3 +108,15 @@ BEGIN
   END LOOP;
 END
 $$;
+
+-- retention_resummarize (migration 0005) runs as its owner (SECURITY DEFINER) because only an
+-- index's owner may rebuild BRIN summaries; all it can do is that, to BRIN indexes in public.
+-- The worker's retention sweep calls it; nobody else needs it. A no-op before that migration.
+DO $$
+BEGIN
+  IF to_regprocedure('public.retention_resummarize(regclass, bigint[])') IS NOT NULL THEN
+    REVOKE EXECUTE ON FUNCTION public.retention_resummarize(regclass, bigint[]) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION public.retention_resummarize(regclass, bigint[]) TO catena_app;
+  END IF;
+END
+$$;

@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Args, Subcommand};
 
-use catena_ingest::config::{BrokerSettings, parse_duration};
-use catena_ingest::ops::parked::{self, Filter};
+use catena_ingest::config::{BrokerSettings, DedupRetention, human_duration, parse_duration};
+use catena_ingest::ops::parked::{self, Filter, ReplayOptions};
 
 #[derive(Args, Debug)]
 pub struct Parked {
@@ -55,6 +55,8 @@ enum ParkedCommand {
     /// Show one message: headers, reason, attempts, and the body with secrets masked.
     Show { id: String },
     /// Republish matching messages to the events exchange (confirmed), then drop the parked copy.
+    /// Messages received longer ago than RETENTION_DEDUP_KEYS less a day are left parked (their
+    /// dedup keys may be pruned, so a duplicate could apply twice) unless --force.
     Replay {
         #[command(flatten)]
         filter: FilterArgs,
@@ -67,6 +69,13 @@ enum ParkedCommand {
         /// Replays per second (0 = unlimited).
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
+        /// Also replay messages older than the dedup horizon. Their dedup keys may be gone: an
+        /// event that was applied already (through Catena's own retry) may apply a second time.
+        #[arg(long)]
+        force: bool,
+        /// The workers' dedup-key retention (the same variables as the worker's).
+        #[command(flatten)]
+        dedup: DedupRetention,
     },
     /// Delete matching messages for good.
     Purge {
@@ -112,12 +121,15 @@ impl Parked {
                 let mut headers = p.headers.clone();
                 let body = headers.remove("body").unwrap_or_default();
                 println!(
-                    "id:        {}\nevent:     {}\nreason:    {}\ndetail:    {}\nparked_at: {}\nattempts:  {}",
+                    "id:        {}\nevent:     {}\nreason:    {}\ndetail:    {}\nparked_at: {}\nreceived:  {}\nattempts:  {}",
                     p.id,
                     p.event_name,
                     p.reason,
                     p.detail.as_deref().unwrap_or("-"),
                     p.parked_at
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_else(|| "-".into()),
+                    p.received_at
                         .map(|t| t.to_rfc3339())
                         .unwrap_or_else(|| "-".into()),
                     p.attempts
@@ -132,15 +144,39 @@ impl Parked {
                 id,
                 dry_run,
                 rate,
+                force,
+                dedup,
             } => {
-                let report = parked::replay(url, &names, &filter.filter(id), dry_run, rate).await?;
+                dedup.validate().map_err(anyhow::Error::msg)?;
+                let options = ReplayOptions {
+                    dry_run,
+                    rate,
+                    force,
+                    ..ReplayOptions::new(&dedup)
+                };
+                let report = parked::replay(url, &names, &filter.filter(id), &options).await?;
                 println!(
-                    "{}examined={} matched={} replayed={}",
+                    "{}examined={} matched={} replayed={} too_old={} forced={}",
                     if dry_run { "dry run: " } else { "" },
                     report.examined,
                     report.matched,
-                    report.replayed
+                    report.replayed,
+                    report.too_old,
+                    report.forced
                 );
+                warn_too_old(&report, &options);
+                if report.too_old > 0 {
+                    bail!(
+                        "{} parked message(s) received more than {} ago were NOT replayed: the \
+                         workers keep dedup keys for {} (RETENTION_DEDUP_KEYS), so a duplicate \
+                         of one of them may already be applied and would apply again. Check the \
+                         fleet state first (`catena-ingest fleet show`); replay them with --force \
+                         or drop them with `parked purge`",
+                        report.too_old,
+                        human_duration(options.max_age),
+                        human_duration(dedup.keys)
+                    );
+                }
             }
             ParkedCommand::Purge { filter, id, yes } => {
                 if !yes {
@@ -151,6 +187,38 @@ impl Parked {
             }
         }
         Ok(())
+    }
+}
+
+/// Name the messages older than the dedup horizon on stderr, loudly.
+fn warn_too_old(report: &parked::Report, options: &ReplayOptions) {
+    if report.refused.is_empty() {
+        return;
+    }
+    let what = if options.force {
+        "REPLAYED ANYWAY (--force)"
+    } else {
+        "LEFT PARKED"
+    };
+    eprintln!(
+        "WARNING: {} message(s) are older than the dedup horizon ({}) and were {what}:",
+        report.too_old + report.forced,
+        human_duration(options.max_age)
+    );
+    for old in &report.refused {
+        eprintln!(
+            "  {}  {}  received {}  ({} old)",
+            old.id,
+            old.event_name,
+            old.received_at
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_else(|| "-".into()),
+            human_duration(std::time::Duration::from_secs(old.age_seconds))
+        );
+    }
+    let listed = report.refused.len() as u64;
+    if report.too_old + report.forced > listed {
+        eprintln!("  ... and {} more", report.too_old + report.forced - listed);
     }
 }
 

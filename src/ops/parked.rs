@@ -6,6 +6,11 @@
 //! not acked goes back to the queue when the channel closes. A crash mid-replay therefore leaves
 //! at worst a message both replayed and still parked, and the dedup key makes replaying it again
 //! a no-op. Nothing is lost.
+//!
+//! That holds only while the dedup key exists: the worker prunes keys after
+//! `RETENTION_DEDUP_KEYS` (README, "Retention"). So a replay leaves a message parked, counts it
+//! in [`Report::too_old`] and names it in [`Report::refused`] when it was received longer ago
+//! than [`DedupRetention::safe_replay_age`], unless forced.
 
 use std::time::Duration;
 
@@ -18,6 +23,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::broker::{self, Names, PublishError, Publisher};
+use crate::config::DedupRetention;
 use crate::message;
 use crate::shutdown::Shutdown;
 
@@ -38,6 +44,8 @@ pub struct Parked {
     pub reason: String,
     pub detail: Option<String>,
     pub parked_at: Option<DateTime<Utc>>,
+    /// When the relay received it (the `received_at` header, else the message timestamp).
+    pub received_at: Option<DateTime<Utc>>,
     pub attempts: Option<i64>,
     pub bytes: usize,
     pub headers: serde_json::Map<String, serde_json::Value>,
@@ -104,9 +112,27 @@ pub fn describe(delivery: &Delivery) -> Parked {
         parked_at: get(message::PARKED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc)),
+        received_at: get(message::RECEIVED_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .or_else(|| {
+                delivery
+                    .properties
+                    .timestamp()
+                    .and_then(|t| DateTime::from_timestamp(t as i64, 0))
+            }),
         attempts: headers.get(message::ATTEMPTS).and_then(|v| v.as_i64()),
         bytes: delivery.data.len(),
         headers,
+    }
+}
+
+impl Parked {
+    /// How long ago the event entered the pipeline: the relay's receive time, else the park
+    /// time (the dedup key, if any, is younger than either).
+    pub fn age(&self, now: DateTime<Utc>) -> Option<Duration> {
+        let since = self.received_at.or(self.parked_at)?;
+        Some((now - since).to_std().unwrap_or_default())
     }
 }
 
@@ -238,17 +264,59 @@ pub struct Report {
     pub matched: u64,
     pub replayed: u64,
     pub purged: u64,
+    /// Matched but left parked: older than the dedup keys that would catch a duplicate.
+    pub too_old: u64,
+    /// Replayed although too old (`force`).
+    pub forced: u64,
+    /// The first [`MAX_REFUSED_LISTED`] messages counted in `too_old` or `forced`.
+    pub refused: Vec<TooOld>,
 }
 
-/// Republish matching messages to the events exchange (confirmed), then ack the parked copy.
-/// With `dry_run`, count only. `rate` limits replays per second (0 = unlimited).
+/// How many too-old messages a report names.
+pub const MAX_REFUSED_LISTED: usize = 20;
+
+/// A parked message older than the dedup horizon.
+#[derive(Debug, Clone, Serialize)]
+pub struct TooOld {
+    pub id: String,
+    pub event_name: String,
+    pub received_at: Option<DateTime<Utc>>,
+    pub age_seconds: u64,
+}
+
+/// How `replay` runs.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Count what would be replayed (and what is too old); change nothing.
+    pub dry_run: bool,
+    /// Replays per second (0 = unlimited).
+    pub rate: f64,
+    /// Messages older than this ([`Parked::age`]) are left parked unless `force`.
+    pub max_age: Duration,
+    /// Replay messages older than `max_age` too (their duplicates may apply twice).
+    pub force: bool,
+}
+
+impl ReplayOptions {
+    pub fn new(dedup: &DedupRetention) -> Self {
+        Self {
+            dry_run: false,
+            rate: 0.0,
+            max_age: dedup.safe_replay_age(),
+            force: false,
+        }
+    }
+}
+
+/// Republish matching messages to the events exchange (confirmed), then ack the parked copy,
+/// except those too old to replay safely (see [`ReplayOptions`]).
 pub async fn replay(
     url: &str,
     names: &Names,
     filter: &Filter,
-    dry_run: bool,
-    rate: f64,
+    options: &ReplayOptions,
 ) -> Result<Report, ParkedError> {
+    let dry_run = options.dry_run;
     let shutdown = Shutdown::new();
     let publisher = Publisher::start(
         url,
@@ -266,6 +334,7 @@ pub async fn replay(
         names,
         filter,
         dry_run,
+        Some(options),
         |delivery| {
             let publisher = publisher.clone();
             let exchange = names.events_exchange.clone();
@@ -283,19 +352,19 @@ pub async fn replay(
                     .await
             }
         },
-        rate,
+        options.rate,
     )
     .await;
     shutdown.trigger();
     result.map(|mut r| {
-        r.replayed = if dry_run { 0 } else { r.matched };
+        r.replayed = if dry_run { 0 } else { r.matched - r.too_old };
         r
     })
 }
 
 /// Drop matching messages for good.
 pub async fn purge(url: &str, names: &Names, filter: &Filter) -> Result<Report, ParkedError> {
-    walk(url, names, filter, false, |_| async { Ok(()) }, 0.0)
+    walk(url, names, filter, false, None, |_| async { Ok(()) }, 0.0)
         .await
         .map(|mut r| {
             r.purged = r.matched;
@@ -308,6 +377,7 @@ async fn walk<F, Fut>(
     names: &Names,
     filter: &Filter,
     dry_run: bool,
+    age_limit: Option<&ReplayOptions>,
     mut act: F,
     rate: f64,
 ) -> Result<Report, ParkedError>
@@ -319,17 +389,39 @@ where
     let now = Utc::now();
     let started = std::time::Instant::now();
     let mut report = Report::default();
+    let mut acted = 0u64;
     while let Some(delivery) = session.next(&names.parked_queue).await? {
         report.examined += 1;
-        if !filter.matches(&describe(&delivery), now) {
+        let parked = describe(&delivery);
+        if !filter.matches(&parked, now) {
             continue; // held unacked; back to the queue at finish
         }
         report.matched += 1;
+        if let Some(limit) = age_limit {
+            let age = parked.age(now);
+            if age.is_some_and(|age| age > limit.max_age) {
+                if report.refused.len() < MAX_REFUSED_LISTED {
+                    report.refused.push(TooOld {
+                        id: parked.id.clone(),
+                        event_name: parked.event_name.clone(),
+                        received_at: parked.received_at,
+                        age_seconds: age.unwrap_or_default().as_secs(),
+                    });
+                }
+                if limit.force {
+                    report.forced += 1;
+                } else {
+                    report.too_old += 1;
+                    continue; // held unacked; back to the queue at finish
+                }
+            }
+        }
         if dry_run {
             continue;
         }
+        acted += 1;
         if rate > 0.0 {
-            let due = started + Duration::from_secs_f64(report.matched as f64 / rate);
+            let due = started + Duration::from_secs_f64(acted as f64 / rate);
             tokio::time::sleep_until(due.into()).await;
         }
         let tag = delivery.delivery_tag;

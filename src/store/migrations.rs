@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0004_indexes.sql"),
     ),
     (
+        5,
+        "retention",
+        include_str!("../../migrations/0005_retention.sql"),
+    ),
+    (
         6,
         "order_independent_state",
         include_str!("../../migrations/0006_order_independent_state.sql"),

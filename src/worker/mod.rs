@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::Publisher;
 pub use crate::config::WorkerConfig;
-use crate::metrics::{self, WorkerMetrics};
+use crate::metrics::{self, RetentionMetrics, WorkerMetrics};
 use crate::retry::{next_wait, reconnect_backoff};
 use crate::shutdown::Shutdown;
 use crate::store::{self, DbError, Failure};
@@ -59,6 +59,8 @@ pub enum WorkerError {
     Db(#[from] DbError),
     #[error("binding the metrics listener: {0}")]
     Bind(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A worker serving in the background.
@@ -83,12 +85,19 @@ impl Health {
     }
 }
 
-/// Migrate (unless disabled), then consume until `shutdown`; on shutdown, in-flight batches get
-/// `drain_timeout` to commit and ack.
+/// Check the retention settings, migrate (unless disabled), then consume until `shutdown`, with
+/// the alert notifier and the retention sweeper (unless disabled) beside the consumers; on
+/// shutdown, in-flight batches get `drain_timeout` to commit and ack.
 pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWorker, WorkerError> {
+    let settings = &config.worker;
+    if !settings.retention.disabled {
+        settings
+            .retention
+            .validate(&settings.rules)
+            .map_err(WorkerError::Config)?;
+    }
     let registry = Registry::new();
     let metrics = WorkerMetrics::new(&registry);
-    let settings = &config.worker;
     let listener = TcpListener::bind(&settings.metrics_listen).await?;
     let metrics_addr = listener.local_addr()?;
     if !settings.no_migrate {
@@ -145,6 +154,15 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
         shutdown.clone(),
     );
 
+    let retention = (!settings.retention.disabled).then(|| {
+        crate::retention::spawn(
+            config.database.database_url.clone(),
+            settings.retention,
+            RetentionMetrics::new(&registry),
+            shutdown.clone(),
+        )
+    });
+
     let mut consumers = Vec::new();
     for index in 0..settings.consumers.max(1) {
         consumers.push(tokio::spawn(consumer::consume(
@@ -164,6 +182,9 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
         }
         broker_shutdown.trigger();
         let _ = notifier.await;
+        if let Some(retention) = retention {
+            let _ = retention.await;
+        }
         let _ = server.await;
         tracing::info!("worker stopped");
     });

@@ -6,8 +6,8 @@
 //! ```sh
 //! cargo test --test it                                          # every test but the restart group
 //! cargo test --test it relay::                                  # one module (relay, worker, faults,
-//!                                                               #  alerts, operate, state, fuzz, tls,
-//!                                                               #  signature_vectors)
+//!                                                               #  alerts, operate, retention, state,
+//!                                                               #  fuzz, tls, signature_vectors)
 //! cargo test --test it -- --ignored --test-threads 1 restarts::  # the restart group, alone
 //! ```
 //!
@@ -23,6 +23,7 @@ mod operate;
 mod relay;
 mod relay_memory;
 mod restarts;
+mod retention;
 mod signature_vectors;
 mod state;
 mod tls;

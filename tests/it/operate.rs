@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use catena_ingest::broker::Publisher;
-use catena_ingest::ops::parked::{self, Filter};
+use catena_ingest::config::DedupRetention;
+use catena_ingest::ops::parked::{self, Filter, ReplayOptions};
 use catena_ingest::shutdown::Shutdown;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -123,7 +124,12 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         reason: Some("retries_exhausted".into()),
         ..Default::default()
     };
-    let dry = parked::replay(AMQP_URL, &names, &exhausted, true, 0.0)
+    let options = ReplayOptions::new(&DedupRetention::default());
+    let dry_run = ReplayOptions {
+        dry_run: true,
+        ..options.clone()
+    };
+    let dry = parked::replay(AMQP_URL, &names, &exhausted, &dry_run)
         .await
         .unwrap();
     assert_eq!(
@@ -159,7 +165,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         "nothing lost: {applied} applied + {still_parked} parked"
     );
 
-    let report = parked::replay(AMQP_URL, &names, &exhausted, false, 0.0)
+    let report = parked::replay(AMQP_URL, &names, &exhausted, &options)
         .await
         .unwrap();
     assert_eq!(report.replayed, report.matched);
@@ -228,7 +234,10 @@ async fn fleet_show_prints_the_whole_fleet_without_secrets() {
 async fn dashboard_and_rules_query_only_exported_metrics() {
     let p = TestPipeline::builder("dash")
         .relay()
-        .worker_config(|config| config.worker.notifier.gauge_interval = Duration::from_millis(200))
+        .worker_config(|config| {
+            config.worker.notifier.gauge_interval = Duration::from_millis(200);
+            config.worker.retention.disabled = false; // its metrics are queried too
+        })
         .start()
         .await;
     assert_eq!(

@@ -53,13 +53,18 @@ pub fn relay_config(names: Names, amqp_url: &str, secrets: &str) -> RelayConfig 
     }
 }
 
-/// The worker's configuration for tests: the binary's defaults, metrics on an ephemeral port.
+/// The worker's configuration for tests: the binary's defaults, metrics on an ephemeral port,
+/// and no retention sweeper: the fixtures' events happened in 2025, so the default retentions
+/// would prune their failed executions and resolved alerts from under a test that runs past the
+/// first sweep. `tests/it/retention.rs` turns it on (`config.worker.retention.disabled = false`).
 pub fn worker_config(amqp_url: &str, names: Names, database_url: &str) -> WorkerConfig {
+    let mut worker = WorkerSettings {
+        metrics_listen: "127.0.0.1:0".into(),
+        ..WorkerSettings::default()
+    };
+    worker.retention.disabled = true;
     WorkerConfig {
-        worker: WorkerSettings {
-            metrics_listen: "127.0.0.1:0".into(),
-            ..WorkerSettings::default()
-        },
+        worker,
         broker: broker_settings(&names, amqp_url),
         database: DatabaseSettings::with_url(database_url),
     }
@@ -349,6 +354,11 @@ impl TestPipeline {
         self.start_worker_with(false, Box::new(two_consumers)).await;
     }
 
+    /// Start an in-process worker from [`worker_config`], changed by `configure`, now.
+    pub async fn start_worker_config(&mut self, configure: impl FnOnce(&mut WorkerConfig)) {
+        self.start_worker_with(false, Box::new(configure)).await;
+    }
+
     async fn start_worker_with(
         &mut self,
         via_broker_proxy: bool,
@@ -479,11 +489,13 @@ impl TestPipeline {
     }
 
     /// `catena-ingest worker` on this pipeline's prefix, database and the broker; metrics on an
-    /// ephemeral port, logs at warn to the test's stderr.
+    /// ephemeral port, logs at warn to the test's stderr; no retention sweeper (as in
+    /// [`worker_config`]).
     pub fn worker_process(&self) -> Process {
         self.cli(&["worker"])
             .env("AMQP_URL", AMQP_URL)
             .env("METRICS_LISTEN", "127.0.0.1:0")
+            .env("WORKER_NO_RETENTION", "true")
             .discard_stdout()
     }
 
