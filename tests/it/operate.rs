@@ -8,39 +8,11 @@ use catena_ingest::broker::Publisher;
 use catena_ingest::config::DedupRetention;
 use catena_ingest::ops::parked::{self, Filter, ReplayOptions};
 use catena_ingest::shutdown::Shutdown;
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable};
 
+use catena_ingest::message::ParkReason;
+
+use crate::helpers::broker::park_directly;
 use crate::helpers::*;
-
-/// Put a message straight into the parking lot `queue`, as the worker would have.
-async fn park_directly(publisher: &Publisher, queue: &str, body: &[u8], event: &str, reason: &str) {
-    let mut headers = FieldTable::default();
-    headers.insert("x-park-reason".into(), AMQPValue::LongString(reason.into()));
-    headers.insert(
-        "x-park-id".into(),
-        AMQPValue::LongString(uuid::Uuid::new_v4().to_string().as_str().into()),
-    );
-    headers.insert(
-        "x-parked-at".into(),
-        AMQPValue::LongString(chrono::Utc::now().to_rfc3339().as_str().into()),
-    );
-    headers.insert(
-        "x-original-routing-key".into(),
-        AMQPValue::LongString(event.into()),
-    );
-    headers.insert("x-catena-ingest-attempts".into(), AMQPValue::LongLongInt(5));
-    publisher
-        .publish(
-            "",
-            queue,
-            body,
-            BasicProperties::default().with_headers(headers),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-}
 
 #[tokio::test]
 async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
@@ -61,7 +33,9 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
             &names.parked_queue,
             &event.body(1),
             &event.event_name,
-            "retries_exhausted",
+            ParkReason::RetriesExhausted,
+            chrono::Utc::now(),
+            5,
         )
         .await;
     }
@@ -71,7 +45,9 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
             &names.parked_queue,
             b"{broken",
             "connection.staled",
-            "malformed",
+            ParkReason::Malformed,
+            chrono::Utc::now(),
+            5,
         )
         .await;
     }

@@ -10,9 +10,10 @@ use catena_ingest::config::{DedupRetention, RetentionSettings, WorkerSettings};
 use catena_ingest::ops::parked::{self, Filter, ReplayOptions};
 use catena_ingest::retention::{self, RETENTION_LOCK, Sweep, Swept};
 use catena_ingest::shutdown::Shutdown;
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable};
 
+use catena_ingest::message::ParkReason;
+
+use crate::helpers::broker::park_directly;
 use crate::helpers::*;
 
 fn settings(batch_size: i64) -> RetentionSettings {
@@ -438,34 +439,6 @@ async fn a_worker_refuses_retentions_below_the_replay_horizon() {
     assert_eq!(defaults.retention.validate(&defaults.rules), Ok(()));
 }
 
-/// Park `body` as the worker would have, received `age` ago.
-async fn park(publisher: &Publisher, queue: &str, body: &[u8], event: &str, age: chrono::Duration) {
-    let received_at = chrono::Utc::now() - age;
-    let mut headers = FieldTable::default();
-    for (name, value) in [
-        ("x-park-reason", "retries_exhausted".to_owned()),
-        ("x-park-id", uuid::Uuid::new_v4().to_string()),
-        (
-            "x-parked-at",
-            (received_at + chrono::Duration::minutes(40)).to_rfc3339(),
-        ),
-        ("x-original-routing-key", event.to_owned()),
-        ("received_at", received_at.to_rfc3339()),
-    ] {
-        headers.insert(name.into(), AMQPValue::LongString(value.as_str().into()));
-    }
-    publisher
-        .publish(
-            "",
-            queue,
-            body,
-            BasicProperties::default().with_headers(headers),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
     let mut p = TestPipeline::builder("ret_replay").start().await;
@@ -475,20 +448,24 @@ async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
     assert!(publisher.wait_ready(Duration::from_secs(10)).await);
     let fixtures = fixture_events();
     let (old, recent) = (&fixtures[0], &fixtures[4]);
-    park(
+    park_directly(
         &publisher,
         &names.parked_queue,
         old,
         "invitation.created",
-        chrono::Duration::days(25),
+        ParkReason::RetriesExhausted,
+        chrono::Utc::now() - chrono::Duration::days(25),
+        1,
     )
     .await;
-    park(
+    park_directly(
         &publisher,
         &names.parked_queue,
         recent,
         "connection.created",
-        chrono::Duration::days(3),
+        ParkReason::RetriesExhausted,
+        chrono::Utc::now() - chrono::Duration::days(3),
+        1,
     )
     .await;
     p.start_worker().await;

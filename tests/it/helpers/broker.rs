@@ -136,3 +136,34 @@ async fn delete_topology(names: &Names) -> Result<(), String> {
         Err(failed.join("; "))
     }
 }
+
+/// Put `body` straight into the parking lot, as the worker would have: with the headers the
+/// worker writes (`catena_ingest::message`), received at `received_at`, parked 40 minutes
+/// later, after `attempts` failed attempts.
+pub async fn park_directly(
+    publisher: &broker::Publisher,
+    queue: &str,
+    body: &[u8],
+    event_name: &str,
+    reason: message::ParkReason,
+    received_at: chrono::DateTime<chrono::Utc>,
+    attempts: u32,
+) {
+    let catena = message::CatenaHeaders {
+        event_type: Some(event_name),
+        ..Default::default()
+    };
+    let received = message::event_properties(&catena, received_at, message::Producer::Relay);
+    let failed = message::retry_properties(&received, event_name, attempts.saturating_sub(1));
+    let parked = message::park_properties(
+        &failed,
+        event_name,
+        reason,
+        "parked by the test",
+        received_at + chrono::Duration::minutes(40),
+    );
+    publisher
+        .publish("", queue, body, parked, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
