@@ -34,6 +34,7 @@
 
 pub mod alerts;
 pub mod broker;
+pub mod catena;
 pub mod config;
 pub mod envelope;
 pub mod loadgen;
