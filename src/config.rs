@@ -148,6 +148,11 @@ pub enum SecretLoadError {
 }
 
 impl SecretSettings {
+    /// The inline secrets only (the relay reads the file itself, and re-reads it).
+    pub fn inline(&self) -> Result<SecretStore, SecretsError> {
+        SecretStore::parse(self.webhook_secrets.as_deref().unwrap_or(""))
+    }
+
     pub fn load(&self) -> Result<SecretStore, SecretLoadError> {
         let mut store = SecretStore::default();
         if let Some(text) = &self.webhook_secrets {
@@ -231,10 +236,32 @@ pub struct RelaySettings {
     #[arg(long, env = "RELAY_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
+    /// How a refused webhook is answered. `unavailable`: 503 with the reason in the body, so
+    /// Catena retries it, keeps it in its dead-letter queue and the reconciler replays it once
+    /// our side is fixed (a 4xx would lose it for good). `conventional`: 413/400/401/408/431.
+    #[arg(
+        long,
+        env = "RELAY_REFUSAL_STATUS",
+        value_enum,
+        default_value = "unavailable"
+    )]
+    pub refusal_status: RefusalStatus,
+
+    /// How often CATENA_WEBHOOK_SECRETS_FILE is re-read (0 = never).
+    #[arg(long, env = "RELAY_SECRETS_RELOAD", default_value = "2s", value_parser = parse_duration)]
+    pub secrets_reload: Duration,
+
     /// How far `X-Catena-Timestamp` may lie in the past and the future (Catena's documented
     /// 5 minutes and 60 s; not a flag).
     #[arg(skip)]
     pub window: Window,
+}
+
+/// How the relay answers a webhook it refuses (README, "Refusals keep the event at Catena").
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalStatus {
+    Unavailable,
+    Conventional,
 }
 
 /// The relay's effective limits: the settings given, the rest derived from the memory budget.
@@ -269,7 +296,10 @@ impl RelaySettings {
 pub struct RelayConfig {
     pub relay: RelaySettings,
     pub broker: BrokerSettings,
+    /// Inline secrets (`CATENA_WEBHOOK_SECRETS`), always in force.
     pub secrets: SecretStore,
+    /// `CATENA_WEBHOOK_SECRETS_FILE`, merged with the inline ones and re-read while running.
+    pub secrets_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Debug)]

@@ -45,6 +45,8 @@ pub struct RelayMetrics {
     pub inflight_bytes: IntGauge,
     pub connections: IntGauge,
     pub shed: IntCounterVec,
+    pub secrets_reloads: IntCounterVec,
+    pub secrets_entries: IntGauge,
 }
 
 impl RelayMetrics {
@@ -79,9 +81,32 @@ impl RelayMetrics {
         ] {
             shed.with_label_values(&[reason]);
         }
+        let secrets_reloads = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "catena_relay_secrets_reloads_total",
+                    "Re-reads of the secrets file by outcome (errors keep the loaded secrets)",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
+        for outcome in crate::relay::live_secrets::RELOAD_OUTCOMES {
+            secrets_reloads.with_label_values(&[outcome]);
+        }
         Self {
             requests,
             shed,
+            secrets_reloads,
+            secrets_entries: register(
+                registry,
+                IntGauge::new(
+                    "catena_relay_secrets_entries",
+                    "Webhook secret entries loaded (0: every delivery is refused)",
+                )
+                .unwrap(),
+            ),
             request_duration: register(
                 registry,
                 Histogram::with_opts(

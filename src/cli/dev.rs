@@ -82,6 +82,7 @@ impl Dev {
                 relay: self.relay,
                 broker: self.broker,
                 secrets,
+                secrets_file: None,
             },
             shutdown.clone(),
         )

@@ -18,16 +18,23 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// The relay refuses to start without a secret: it could verify nothing.
+    /// Without any secret source the relay could never verify anything: refused at start. An
+    /// empty file is fine (`subscriptions sync` fills it, and the relay re-reads it).
     fn into_config(self) -> anyhow::Result<RelayConfig> {
-        let secrets = self.secrets.load().context("loading webhook secrets")?;
-        if secrets.is_empty() {
-            bail!("no webhook secrets: set CATENA_WEBHOOK_SECRETS or CATENA_WEBHOOK_SECRETS_FILE");
+        let secrets = self
+            .secrets
+            .inline()
+            .context("parsing CATENA_WEBHOOK_SECRETS")?;
+        if secrets.is_empty() && self.secrets.webhook_secrets_file.is_none() {
+            bail!(
+                "no webhook secrets: set CATENA_WEBHOOK_SECRETS_FILE (or CATENA_WEBHOOK_SECRETS)"
+            );
         }
         Ok(RelayConfig {
             relay: self.relay,
             broker: self.broker,
             secrets,
+            secrets_file: self.secrets.webhook_secrets_file,
         })
     }
 

@@ -13,9 +13,12 @@ use chrono::Utc;
 
 use super::budget::{Buffer, Buffers, INLINE_BYTES, OffloadError};
 use super::gunzip::{self, GunzipError};
+use super::refusals::Kind as RefusalKind;
+use super::secrets::SecretStore;
 use super::signature::{self, Rejection, SignedHeaders};
 use super::{AppState, MAX_HEADER_BYTES, RelayConfig};
 use crate::broker::PublishError;
+use crate::config::RefusalStatus;
 use crate::message::{self, CatenaHeaders, Producer};
 use crate::metrics::{self, RelayMetrics};
 
@@ -114,7 +117,10 @@ pub(super) async fn receive(
     };
     let (status, outcome) = match &result {
         Ok(()) => (StatusCode::ACCEPTED, Outcome::Accepted),
-        Err(refusal) => (refusal.status, refusal.outcome),
+        Err(refusal) => (
+            answered(refusal, state.config.relay.refusal_status),
+            refusal.outcome,
+        ),
     };
     state
         .metrics
@@ -130,6 +136,14 @@ pub(super) async fn receive(
         Err(refusal) => {
             let webhook_id = header_str(&headers, "x-webhook-id").unwrap_or("-");
             let request_id = header_str(&headers, "x-request-id").unwrap_or("-");
+            let kind = match outcome {
+                Outcome::InvalidSignature => Some(RefusalKind::Signature),
+                Outcome::StaleTimestamp => Some(RefusalKind::Timestamp),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                state.refusals.record(webhook_id, kind, Utc::now());
+            }
             tracing::warn!(
                 status = status.as_u16(),
                 outcome = outcome.as_str(),
@@ -138,7 +152,11 @@ pub(super) async fn receive(
                 request_id,
                 "webhook refused"
             );
-            let mut response = (status, format!("{}\n", refusal.reason)).into_response();
+            let mut response = (
+                status,
+                format!("{}: {}\n", outcome.as_str(), refusal.reason),
+            )
+                .into_response();
             if status == StatusCode::METHOD_NOT_ALLOWED {
                 response
                     .headers_mut()
@@ -146,6 +164,17 @@ pub(super) async fn receive(
             }
             response
         }
+    }
+}
+
+/// The status a refusal is answered with: its own under `conventional`; under `unavailable`
+/// (the default) 503 for everything a retry or a fix on our side could turn into a 202, so
+/// Catena keeps the event. A wrong method or path is not a delivery and keeps its 405/404.
+fn answered(refusal: &Refusal, mode: RefusalStatus) -> StatusCode {
+    match (mode, refusal.outcome) {
+        (RefusalStatus::Conventional, _)
+        | (_, Outcome::MethodNotAllowed | Outcome::NotFound | Outcome::Accepted) => refusal.status,
+        (RefusalStatus::Unavailable, _) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -239,12 +268,13 @@ async fn handle(
         || gunzip::looks_gzipped(&raw);
     let max_out = config.relay.max_decompressed_bytes;
     let claims = Claims::of(headers);
+    let secrets = state.secrets.current();
     let small = raw.len() <= INLINE_BYTES
         && (!gzipped || gunzip::size_hint(&raw).is_some_and(|n| n <= INLINE_BYTES));
     let mut inline = None;
     if small {
         let cap = max_out.min(INLINE_BYTES);
-        match open(config, &raw, gzipped, &claims, cap, None) {
+        match open(config, &secrets.store, &raw, gzipped, &claims, cap, None) {
             // Larger than the hint said (a multi-member body, or a lie): start over off-thread.
             Err(Failure::Gunzip(GunzipError::TooLarge(_))) if cap < max_out => {}
             result => inline = Some(result),
@@ -261,6 +291,7 @@ async fn handle(
                     let scratch = Some((scratch, &job_state.buffers));
                     let opened = open(
                         &job_state.config,
+                        &secrets.store,
                         &raw,
                         gzipped,
                         &claims.borrow(),
@@ -511,6 +542,7 @@ impl Failure {
 /// never takes one).
 fn open(
     config: &RelayConfig,
+    secrets: &SecretStore,
     raw: &[u8],
     gzipped: bool,
     claims: &Claims<'_>,
@@ -522,19 +554,19 @@ fn open(
             return Err(Failure::Gunzip(GunzipError::TooLarge(max_out)));
         }
         return Ok(Opened {
-            routing_key: verify(config, claims, raw)?,
+            routing_key: verify(config, secrets, claims, raw)?,
             inflated: None,
         });
     }
     let Some((scratch, buffers)) = scratch else {
         let inflated = gunzip::gunzip_capped(raw, max_out).map_err(Failure::Gunzip)?;
         return Ok(Opened {
-            routing_key: verify(config, claims, &inflated)?,
+            routing_key: verify(config, secrets, claims, &inflated)?,
             inflated: Some(BodyBytes::Small(inflated)),
         });
     };
     gunzip::gunzip_into(raw, scratch, max_out).map_err(Failure::Gunzip)?;
-    let routing_key = verify(config, claims, scratch)?;
+    let routing_key = verify(config, secrets, claims, scratch)?;
     let inflated = if scratch.len() <= INLINE_BYTES {
         BodyBytes::Small(scratch.as_slice().to_vec())
     } else {
@@ -549,9 +581,14 @@ fn open(
 }
 
 /// Steps 3 and 4 on the uncompressed body, then its routing key.
-fn verify(config: &RelayConfig, claims: &Claims<'_>, body: &[u8]) -> Result<String, Failure> {
+fn verify(
+    config: &RelayConfig,
+    secrets: &SecretStore,
+    claims: &Claims<'_>,
+    body: &[u8],
+) -> Result<String, Failure> {
     signature::verify(
-        &config.secrets,
+        secrets,
         claims.signed,
         body,
         Utc::now(),

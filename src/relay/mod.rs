@@ -1,13 +1,19 @@
 //! The edge relay: verify a Catena webhook, publish it with a confirm, then answer.
 //!
 //! Per request, in this order, with nothing parsed or trusted before the signature holds:
-//! 1. POST `/webhooks/catena`, compressed body capped (413); past 16 KiB it needs a buffer of
-//!    the memory budget ([`budget`]; 503 at once when none is free);
-//! 2. gunzip with a cap on the expansion (413), corrupt gzip is 400;
-//! 3. `X-Catena-Timestamp` inside the window (401);
-//! 4. HMAC over `timestamp + "." + body` with the secrets of `X-Webhook-ID` (401);
+//! 1. POST `/webhooks/catena`, compressed body capped (too large); past 16 KiB it needs a
+//!    buffer of the memory budget ([`budget`]; 503 at once when none is free);
+//! 2. gunzip with a cap on the expansion (too large), corrupt gzip is a bad request;
+//! 3. `X-Catena-Timestamp` inside the window (stale timestamp);
+//! 4. HMAC over `timestamp + "." + body` with the secrets of `X-Webhook-ID` (invalid
+//!    signature; [`live_secrets`] re-reads them while running);
 //! 5. publish the uncompressed body, persistent and mandatory, routing key = event name;
 //! 6. confirm -> 202; nack, return, timeout or no broker -> 503 so Catena retries.
+//!
+//! Every refusal in steps 1 to 4 is answered 503 by default (`RELAY_REFUSAL_STATUS`), so Catena
+//! keeps the event in its dead-letter queue until our side is fixed and the reconciler replays
+//! it; the `outcome` label says why. [`refusals`] remembers which subscriptions' signatures were
+//! refused, for the reconciler.
 //!
 //! The relay never touches PostgreSQL; it is stateless and scales by replicas. This module
 //! binds and serves (at most `RELAY_MAX_CONNECTIONS` connections); [`handler`] is the
@@ -18,6 +24,8 @@
 pub mod budget;
 pub mod gunzip;
 mod handler;
+pub mod live_secrets;
+pub mod refusals;
 pub mod secrets;
 pub mod signature;
 
@@ -42,6 +50,8 @@ use crate::metrics::{self, RelayMetrics};
 use crate::shutdown::Shutdown;
 use budget::{Buffers, Offload};
 pub use handler::Outcome;
+use live_secrets::LiveSecrets;
+use refusals::RefusalLog;
 
 pub const WEBHOOK_PATH: &str = "/webhooks/catena";
 
@@ -54,6 +64,8 @@ struct AppState {
     permits: Semaphore,
     buffers: Arc<Buffers>,
     offload: Offload,
+    secrets: Arc<LiveSecrets>,
+    refusals: RefusalLog,
 }
 
 /// A relay bound to its port and serving in the background.
@@ -66,6 +78,8 @@ pub struct RunningRelay {
 /// Bind, connect to the broker in the background and serve until `shutdown`. In-flight requests
 /// finish before the broker connection closes.
 pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<RunningRelay> {
+    let secrets = LiveSecrets::load(config.secrets.clone(), config.secrets_file.clone())
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))?;
     let listener = TcpListener::bind(&config.relay.listen).await?;
     let addr = listener.local_addr()?;
     let broker_shutdown = Shutdown::new();
@@ -81,6 +95,19 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
     let metrics = RelayMetrics::new(&registry);
     let limits = config.relay.limits();
     log_limits(&config, limits);
+    let secrets = Arc::new(secrets);
+    secrets.spawn_reloader(
+        config.relay.secrets_reload,
+        metrics.secrets_reloads.clone(),
+        metrics.secrets_entries.clone(),
+        broker_shutdown.clone(),
+    );
+    let loaded = secrets.current();
+    if loaded.entries == 0 {
+        tracing::warn!("no secrets loaded: every delivery is refused until one appears");
+    } else {
+        tracing::info!(version = %loaded.version, entries = loaded.entries, "webhook secrets loaded");
+    }
     let connections = Connections {
         slots: Arc::new(Semaphore::new(limits.connections)),
         metrics: metrics.clone(),
@@ -94,6 +121,8 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
         ),
         offload: Offload::new(config.relay.blocking_threads, buffer_size(&config)),
         metrics,
+        secrets,
+        refusals: RefusalLog::default(),
         permits: Semaphore::new(limits.concurrency),
         config,
         names,
@@ -255,16 +284,35 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/secrets/version", get(secrets_version))
+        .route("/secrets/refusals", get(secret_refusals))
         .fallback(handler::not_found)
         .with_state(state)
 }
 
+/// Ready means the broker is: a relay without secrets is ready (it must be, so the first sync
+/// can pass its barrier), and says so.
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    if state.publisher.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "broker not ready")
+    let no_secrets = state.secrets.current().entries == 0;
+    match (state.publisher.is_ready(), no_secrets) {
+        (true, false) => (StatusCode::OK, "ready"),
+        (true, true) => (StatusCode::OK, "ready, no secrets loaded"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "broker not ready"),
     }
+}
+
+/// `{"version","entries"}` of the secrets in force (no ids, no secrets), for the barrier of
+/// `subscriptions sync` and `rotate`. Not exposed by the ingress, like `/metrics`.
+async fn secrets_version(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let loaded = state.secrets.current();
+    axum::Json(serde_json::json!({
+        "version": loaded.version,
+        "entries": loaded.entries,
+    }))
+}
+
+async fn secret_refusals(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    axum::Json(state.refusals.report())
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {

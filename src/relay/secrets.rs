@@ -90,6 +90,11 @@ impl SecretStore {
         self.by_id.is_empty() && self.wildcard.is_empty()
     }
 
+    /// Secret entries (an id with two secrets counts twice).
+    pub fn len(&self) -> usize {
+        self.wildcard.len() + self.by_id.values().map(Vec::len).sum::<usize>()
+    }
+
     /// The candidate secrets for a webhook id: its own when it has any, else the catch-all
     /// ones. `*` never widens an id that has secrets of its own (a leaked catch-all must not
     /// forge deliveries for it), and an empty id matches nothing.

@@ -308,7 +308,7 @@ async fn no_secret_token_or_magic_link_in_any_log_line() {
     // Refusals are logged too: make some.
     let mut wrong = Post::new(&fixture("events/03-invitation.accepted.json"));
     wrong.secret = "not-the-secret";
-    assert_eq!(wrong.send(&p.client, &url).await, 401);
+    assert_eq!(wrong.send(&p.client, &url).await, 503);
     assert_eq!(Post::new(b"{broken").send(&p.client, &url).await, 202);
     assert_eq!(
         p.wait_for_applied(events.len(), Duration::from_secs(60))

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::http::sign;
+use catena_ingest::config::RefusalStatus;
+
+use crate::helpers::http::{get_text, metric_value, sign};
 use crate::helpers::*;
 
 const OLD_SECRET: &str = "old-secret-still-valid";
@@ -52,9 +54,27 @@ async fn accepted_webhooks_land_once_with_body_and_headers() {
     p.stop().await;
 }
 
+/// By default every refusal of a POST on the webhook path is a 503, so Catena keeps the event
+/// (architecture.md, "Relay"); the body and the `outcome` label still say why.
 #[tokio::test]
-async fn every_bad_request_is_refused_and_nothing_is_queued() {
-    let p = relay_only("relay_bad").relay().start().await;
+async fn every_bad_request_is_refused_503_and_nothing_is_queued() {
+    refusals(RefusalStatus::Unavailable).await;
+}
+
+#[tokio::test]
+async fn conventional_refusal_codes_on_request() {
+    refusals(RefusalStatus::Conventional).await;
+}
+
+async fn refusals(mode: RefusalStatus) {
+    let tag = match mode {
+        RefusalStatus::Unavailable => "relay_bad",
+        RefusalStatus::Conventional => "relay_bad4xx",
+    };
+    let p = relay_only(tag)
+        .relay_config(|config| config.relay.refusal_status = mode)
+        .start()
+        .await;
     let (client, url) = (&p.client, p.relay_url());
     let body = fixture("events/01-invitation.created.json");
     let now = chrono::Utc::now();
@@ -150,9 +170,28 @@ async fn every_bad_request_is_refused_and_nothing_is_queued() {
         client.post(p.relay_endpoint("/webhooks/other")),
     ));
 
-    for (what, want, request) in cases {
-        let status = request.send().await.unwrap().status().as_u16();
-        assert_eq!(status, want, "{what}");
+    for (what, conventional, request) in cases {
+        let want = match (mode, conventional) {
+            (RefusalStatus::Unavailable, 400..=499) if ![404, 405].contains(&conventional) => 503,
+            _ => conventional,
+        };
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), want, "{what}");
+        let reason = response.text().await.unwrap();
+        if want != 404 {
+            let label = reason.split(':').next().unwrap_or_default();
+            assert!(
+                [
+                    "invalid_signature",
+                    "stale_timestamp",
+                    "bad_request",
+                    "too_large",
+                    "method_not_allowed"
+                ]
+                .contains(&label),
+                "{what}: the body names the outcome: {reason:?}"
+            );
+        }
     }
 
     // Then one good one: the queue must hold exactly that one.
@@ -293,7 +332,9 @@ async fn slow_headers_are_cut_huge_headers_refused_and_pipelining_works() {
     let _ = tokio::time::timeout(Duration::from_secs(5), huge.read_to_end(&mut response)).await;
     let text = String::from_utf8_lossy(&response);
     assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        // hyper's own 431 past its buffer, or ours (503 by default: never a 4xx on the webhook
+        // path).
+        text.is_empty() || text.starts_with("HTTP/1.1 431") || text.starts_with("HTTP/1.1 503"),
         "{text}"
     );
 
@@ -425,7 +466,7 @@ async fn large_and_multi_member_bodies_are_verified_off_thread_and_queued_whole(
     tampered[1000] ^= 1;
     assert_eq!(
         status(signed_raw(client, &url, &large, gzip(&tampered), true)).await,
-        401
+        503
     );
 
     let taken = p.drain_events(Duration::from_millis(500)).await;
@@ -462,7 +503,7 @@ async fn with_no_buffer_free_large_bodies_get_503_and_small_ones_202() {
     assert_eq!(refused.status().as_u16(), 503);
     assert_eq!(
         refused.text().await.unwrap(),
-        "relay memory budget exhausted\n"
+        "unavailable: relay memory budget exhausted\n"
     );
     assert_eq!(
         status(signed_raw(client, &url, &large, large.clone(), false)).await,
@@ -478,7 +519,7 @@ async fn with_no_buffer_free_large_bodies_get_503_and_small_ones_202() {
     assert!(bomb.len() < 16 * 1024);
     assert_eq!(
         status(signed_raw(client, &url, b"x", bomb, true)).await,
-        413
+        503
     );
     // Envelopes of Catena's size never need one.
     let body = fixture("events/03-invitation.accepted.json");
@@ -530,4 +571,79 @@ async fn beyond_the_connection_cap_a_connection_is_closed_at_once() {
         assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
     }
     p.stop().await;
+}
+
+/// The relay starts on an empty secrets file (ready, and saying it has no secrets), refuses
+/// with 503 until a secret appears, picks up every change while it runs, keeps the loaded set
+/// when the file breaks, and reports the version a writer waits for.
+#[tokio::test]
+async fn the_secrets_file_is_reloaded_while_running() {
+    use catena_ingest::relay::live_secrets::version_of;
+    let dir = std::env::temp_dir().join(unique("secrets"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("webhook-secrets");
+    std::fs::write(&file, "").unwrap();
+    let path = file.clone();
+    let p = TestPipeline::builder("relay_reload")
+        .without_database()
+        .relay_config(move |config| {
+            config.secrets = Default::default();
+            config.secrets_file = Some(path);
+            config.relay.secrets_reload = Duration::from_millis(100);
+        })
+        .start()
+        .await;
+    let body = fixture("events/09-connection.staled.json");
+    let version = || async { get_text(&p.relay_endpoint("/secrets/version")).await };
+
+    assert_eq!(
+        get_text(&p.relay_endpoint("/readyz")).await,
+        "ready, no secrets loaded"
+    );
+    assert_eq!(p.send(&body).await, 503, "nothing verifies yet");
+    let empty: serde_json::Value = serde_json::from_str(&version().await).unwrap();
+    assert_eq!(empty["entries"], 0);
+    assert_eq!(empty["version"], version_of(b""));
+
+    let text = format!("# written by a test\n{}\n", secrets());
+    std::fs::write(&file, &text).unwrap();
+    let want = version_of(text.as_bytes());
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            version().await.contains(&want)
+        })
+        .await,
+        "the new file is loaded"
+    );
+    assert_eq!(p.send(&body).await, 202);
+    assert_eq!(get_text(&p.relay_endpoint("/readyz")).await, "ready");
+
+    std::fs::write(&file, "this line has no equals sign\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            metric_value(
+                &p.relay_metrics().await,
+                "catena_relay_secrets_reloads_total{outcome=\"parse_error\"}",
+            )
+            .is_some_and(|n| n >= 1.0)
+        })
+        .await
+    );
+    assert!(version().await.contains(&want), "the loaded set is kept");
+    assert_eq!(p.send(&body).await, 202);
+
+    let mut wrong = Post::new(&body);
+    wrong.secret = "not-the-secret";
+    assert_eq!(p.send_post(&wrong).await, 503);
+    let refusals: serde_json::Value =
+        serde_json::from_str(&get_text(&p.relay_endpoint("/secrets/refusals")).await).unwrap();
+    // The one before any secret was loaded, and the wrong one.
+    assert_eq!(refusals["webhooks"][WEBHOOK_ID]["invalid_signature"], 2);
+    let metrics = p.relay_metrics().await;
+    assert!(
+        metrics.contains("catena_relay_secrets_entries 1"),
+        "{metrics}"
+    );
+    p.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -50,6 +50,7 @@ pub fn relay_config(names: Names, amqp_url: &str, secrets: &str) -> RelayConfig 
         },
         broker: broker_settings(&names, amqp_url),
         secrets: SecretStore::parse(secrets).unwrap(),
+        secrets_file: None,
     }
 }
 
