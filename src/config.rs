@@ -52,6 +52,7 @@ default_from_clap!(
     RetentionSettings,
     DedupRetention,
     DeliverySettings,
+    CatenaSettings,
 );
 
 /// `250ms`, `5s`, `5m`, `1h`, `21d`; a bare number is seconds (`WORKER_DRAIN_SECONDS=20`).
@@ -288,6 +289,57 @@ impl RelaySettings {
             connections,
             concurrency: self.max_concurrency.unwrap_or(connections),
         }
+    }
+}
+
+/// Catena's API and our client credentials (catena-control-plane.md §0). `Debug` leaves the
+/// client secret out.
+#[derive(Args, Clone)]
+pub struct CatenaSettings {
+    /// Catena's API base URL.
+    #[arg(
+        long = "catena-api-url",
+        env = "CATENA_API_URL",
+        default_value = "https://api.catenatelematics.com"
+    )]
+    pub api_url: String,
+
+    /// Catena's OAuth 2.0 token endpoint (client credentials).
+    #[arg(
+        long = "catena-auth-url",
+        env = "CATENA_AUTH_URL",
+        default_value = "https://auth.catenatelematics.com/realms/catena/protocol/openid-connect/token"
+    )]
+    pub auth_url: String,
+
+    /// OAuth client id (from support@catenaclearing.io).
+    #[arg(
+        long = "catena-client-id",
+        env = "CATENA_CLIENT_ID",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub client_id: String,
+
+    /// OAuth client secret. Never logged.
+    #[arg(
+        long = "catena-client-secret",
+        env = "CATENA_CLIENT_SECRET",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub client_secret: String,
+}
+
+impl std::fmt::Debug for CatenaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatenaSettings")
+            .field("api_url", &self.api_url)
+            .field("auth_url", &self.auth_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"***")
+            .finish()
     }
 }
 

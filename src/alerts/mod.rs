@@ -19,23 +19,45 @@ use uuid::Uuid;
 pub use gauges::refresh_gauges;
 pub use notifier::{deliver_pending, spawn};
 
-/// What an alert is about. The strings are the `alerts.kind` values (a CHECK constraint in
-/// `migrations/0001_read_model.sql`) and the `kind` label of the alert metrics.
+/// What an alert is about. The strings are the `alerts.kind` values (a CHECK constraint, last
+/// set in `migrations/0008_control_plane.sql`) and the `kind` label of the alert metrics. The
+/// first two are raised by the worker from fleet events; the `Webhook*` ones by the reconciler
+/// about our own Catena subscriptions (their subject is the webhook id, and they have no fleet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertKind {
     ConnectionStale,
     ScheduleDeactivated,
+    WebhookStale,
+    WebhookDlqBacklog,
+    WebhookMissing,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 2] = [AlertKind::ConnectionStale, AlertKind::ScheduleDeactivated];
+    pub const ALL: [AlertKind; 5] = [
+        AlertKind::ConnectionStale,
+        AlertKind::ScheduleDeactivated,
+        AlertKind::WebhookStale,
+        AlertKind::WebhookDlqBacklog,
+        AlertKind::WebhookMissing,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             AlertKind::ConnectionStale => "connection_stale",
             AlertKind::ScheduleDeactivated => "schedule_deactivated",
+            AlertKind::WebhookStale => "webhook_stale",
+            AlertKind::WebhookDlqBacklog => "webhook_dlq_backlog",
+            AlertKind::WebhookMissing => "webhook_missing",
         }
+    }
+
+    /// About one of our Catena subscriptions rather than a fleet.
+    pub fn is_webhook(self) -> bool {
+        matches!(
+            self,
+            AlertKind::WebhookStale | AlertKind::WebhookDlqBacklog | AlertKind::WebhookMissing
+        )
     }
 
     pub fn parse(text: &str) -> Option<Self> {
@@ -47,14 +69,21 @@ impl AlertKind {
         match self {
             AlertKind::ConnectionStale => "CatenaConnectionStale",
             AlertKind::ScheduleDeactivated => "CatenaScheduleDeactivated",
+            AlertKind::WebhookStale => "CatenaWebhookSubscriptionStale",
+            AlertKind::WebhookDlqBacklog => "CatenaWebhookSubscriptionDlqBacklog",
+            AlertKind::WebhookMissing => "CatenaWebhookSubscriptionMissing",
         }
     }
 
     /// Stale connections want the fleet contacted; a deactivated schedule means no data flows.
+    /// Catena not delivering (stale, missing) loses nothing yet but will after 14 days: a page.
+    /// A DLQ backlog is a warning until it is a week old (then the alert's details say `page`).
     pub fn severity(self) -> &'static str {
         match self {
-            AlertKind::ConnectionStale => "warning",
-            AlertKind::ScheduleDeactivated => "page",
+            AlertKind::ConnectionStale | AlertKind::WebhookDlqBacklog => "warning",
+            AlertKind::ScheduleDeactivated
+            | AlertKind::WebhookStale
+            | AlertKind::WebhookMissing => "page",
         }
     }
 }
@@ -90,8 +119,17 @@ impl Alert {
         }
     }
 
+    /// The kind's severity, unless the alert's details raise it (a DLQ backlog past 7 days).
+    pub fn severity(&self) -> &'static str {
+        match self.details["severity"].as_str() {
+            Some("page") => "page",
+            _ => self.kind.severity(),
+        }
+    }
+
     pub fn summary(&self) -> String {
         let fleet = self.fleet_ref.as_deref().unwrap_or("unknown fleet");
+        let event_name = self.details["event_name"].as_str().unwrap_or("?");
         match self.kind {
             AlertKind::ConnectionStale => format!(
                 "TSP connection {} of {fleet} is stale: Catena stopped fetching its data",
@@ -104,6 +142,26 @@ impl Alert {
                     .as_str()
                     .unwrap_or("resource unknown")
             ),
+            AlertKind::WebhookStale => match self.details["cause"].as_str() {
+                Some("secret_mismatch") => format!(
+                    "Catena subscription {} ({event_name}) is stale and our relays refuse its signatures: a secret mismatch",
+                    self.subject_id
+                ),
+                _ => format!(
+                    "Catena subscription {} ({event_name}) is {}: Catena is not delivering it",
+                    self.subject_id,
+                    self.details["status"].as_str().unwrap_or("stale")
+                ),
+            },
+            AlertKind::WebhookDlqBacklog => format!(
+                "Catena holds {} undelivered {event_name} events in the DLQ of subscription {}",
+                self.details["dlq_count"].as_i64().unwrap_or(0),
+                self.subject_id
+            ),
+            AlertKind::WebhookMissing => format!(
+                "Catena subscription {} ({event_name}) is gone: nothing of it is delivered",
+                self.subject_id
+            ),
         }
     }
 
@@ -114,6 +172,18 @@ impl Alert {
             }
             AlertKind::ScheduleDeactivated => {
                 "No data flows for this resource. Check the TSP side of the connection with the fleet, then have the schedule reactivated in Catena; resolve the alert by hand with `catena-ingest alerts resolve`."
+            }
+            AlertKind::WebhookStale if self.details["cause"] == "secret_mismatch" => {
+                "Our relays refuse this subscription's signatures, so it is not reactivated: run `catena-ingest subscriptions rotate --id <webhook_id>`. The reconciler reactivates it and replays its DLQ once deliveries verify."
+            }
+            AlertKind::WebhookStale => {
+                "The reconciler reactivates it and replays its DLQ once our relay has been ready for a while; if this stays open, see the runbook (CatenaWebhookStale). Resolves when the subscription is active with an empty DLQ."
+            }
+            AlertKind::WebhookDlqBacklog => {
+                "Catena keeps DLQ messages 14 days. Check `catena-ingest subscriptions list` and the reconciler's log; `catena-ingest reconcile --once` replays."
+            }
+            AlertKind::WebhookMissing => {
+                "Run `catena-ingest subscriptions sync` to create it again (it writes the secret first)."
             }
         }
     }
@@ -144,7 +214,7 @@ mod tests {
 
     #[test]
     fn kinds_are_the_schema_values() {
-        let schema = include_str!("../../migrations/0001_read_model.sql");
+        let schema = include_str!("../../migrations/0008_control_plane.sql");
         for kind in AlertKind::ALL {
             assert_eq!(AlertKind::parse(kind.as_str()), Some(kind));
             assert!(schema.contains(&format!("'{}'", kind.as_str())));

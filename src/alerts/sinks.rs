@@ -133,7 +133,7 @@ fn ts(t: chrono::DateTime<Utc>) -> String {
 fn labels(alert: &Alert) -> serde_json::Map<String, Value> {
     let mut labels = serde_json::Map::new();
     labels.insert("alertname".into(), alert.kind.alertname().into());
-    labels.insert("severity".into(), alert.kind.severity().into());
+    labels.insert("severity".into(), alert.severity().into());
     labels.insert("alert_id".into(), alert.alert_id.to_string().into());
     if let Some(fleet_ref) = &alert.fleet_ref {
         labels.insert("fleet_ref".into(), fleet_ref.clone().into());
@@ -141,13 +141,15 @@ fn labels(alert: &Alert) -> serde_json::Map<String, Value> {
     if let Some(fleet_id) = alert.fleet_id {
         labels.insert("fleet_id".into(), fleet_id.to_string().into());
     }
-    let subject = if alert.kind == AlertKind::ConnectionStale {
-        "connection_id"
-    } else {
-        "schedule_id"
+    let subject = match alert.kind {
+        AlertKind::ConnectionStale => "connection_id",
+        AlertKind::ScheduleDeactivated => "schedule_id",
+        AlertKind::WebhookStale | AlertKind::WebhookDlqBacklog | AlertKind::WebhookMissing => {
+            "webhook_id"
+        }
     };
     labels.insert(subject.into(), alert.subject_id.to_string().into());
-    for key in ["source_name", "resource", "connection_id"] {
+    for key in ["source_name", "resource", "connection_id", "event_name"] {
         if let Some(value) = alert.details[key].as_str()
             && !labels.contains_key(key)
         {

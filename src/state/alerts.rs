@@ -75,8 +75,12 @@ pub(super) struct AlertWrites {
 fn resolution(kind: AlertKind, resolved_at: Option<DateTime<Utc>>) -> Option<&'static str> {
     match kind {
         AlertKind::ConnectionStale => resolved_at.map(|_| CONNECTION_RECOVERED),
-        // Only a person ends a schedule's episode, and a manual row is never rewritten.
-        AlertKind::ScheduleDeactivated => None,
+        // Only a person ends a schedule's episode, and a manual row is never rewritten. The
+        // reconciler's kinds are never written here.
+        AlertKind::ScheduleDeactivated
+        | AlertKind::WebhookStale
+        | AlertKind::WebhookDlqBacklog
+        | AlertKind::WebhookMissing => None,
     }
 }
 
@@ -170,14 +174,18 @@ pub(super) fn reconcile(subjects: &AlertSubjects, timelines: &[Row], rows: &[Row
     }
     let mut writes = AlertWrites::default();
     let none = Vec::new();
-    for (kind, ids) in [
-        (AlertKind::ConnectionStale, &subjects.connections),
-        (AlertKind::ScheduleDeactivated, &subjects.schedules),
+    for (kind, observation_kind, ids) in [
+        (
+            AlertKind::ConnectionStale,
+            CONNECTION,
+            &subjects.connections,
+        ),
+        (
+            AlertKind::ScheduleDeactivated,
+            SCHEDULE,
+            &subjects.schedules,
+        ),
     ] {
-        let observation_kind = match kind {
-            AlertKind::ConnectionStale => CONNECTION,
-            AlertKind::ScheduleDeactivated => SCHEDULE,
-        };
         for &subject in ids {
             let timeline = observed.get(&(observation_kind, subject)).unwrap_or(&none);
             let rows = existing
@@ -191,7 +199,7 @@ pub(super) fn reconcile(subjects: &AlertSubjects, timelines: &[Row], rows: &[Row
                         .collect();
                     connection_episodes(&health)
                 }
-                AlertKind::ScheduleDeactivated => {
+                _ => {
                     let deactivations: Vec<Version> =
                         timeline.iter().map(|(v, _)| v.clone()).collect();
                     schedule_episodes(&deactivations, rows)

@@ -274,7 +274,8 @@ RETURNING alert_id";
 pub(super) const ALERTS_REFRESH: &str = "
 WITH target AS (
     SELECT alert_id FROM alerts
-    WHERE subject_id = ANY($1::uuid[]) OR fleet_ref IS NULL OR NOT (details ? 'source_name')
+    WHERE kind IN ('connection_stale', 'schedule_deactivated')
+      AND (subject_id = ANY($1::uuid[]) OR fleet_ref IS NULL OR NOT (details ? 'source_name'))
     ORDER BY alert_id FOR UPDATE
 ), found AS (
     SELECT a.alert_id, COALESCE(c.fleet_id, a.fleet_id) AS fleet_id, COALESCE(f.fleet_ref, a.fleet_ref) AS fleet_ref,

@@ -42,6 +42,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "ignored_events",
         include_str!("../../migrations/0007_ignored_events.sql"),
     ),
+    (
+        8,
+        "control_plane",
+        include_str!("../../migrations/0008_control_plane.sql"),
+    ),
 ];
 
 /// Serialises concurrent `migrate` runs (any 64-bit constant unique to this app).
