@@ -190,12 +190,13 @@ pub struct TokenResponse {
     pub scope: Option<String>,
 }
 
-/// An error body: `{code, message, detail}`, or FastAPI's `{"detail":[{loc,msg,type}]}` on 422.
+/// An error body: `{code, message, detail}`, or FastAPI's `{"detail":[{loc,msg,type}]}` on 422
+/// (written without `code` and `message` when they are `None`; `detail` is always written).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ErrorBody {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default)]
     pub detail: Option<Value>,
@@ -267,7 +268,9 @@ pub fn mask_url(url: &str) -> String {
     let mut parts = rest.splitn(3, '/');
     let host = parts.next().unwrap_or_default();
     match parts.next() {
-        Some(segment) if !segment.is_empty() => format!("{scheme}://{host}/{segment}/{MASKED_SECRET}"),
+        Some(segment) if !segment.is_empty() => {
+            format!("{scheme}://{host}/{segment}/{MASKED_SECRET}")
+        }
         _ => format!("{scheme}://{host}/{MASKED_SECRET}"),
     }
 }
@@ -282,13 +285,17 @@ mod tests {
             mask_url("https://ingest.example.com/webhooks/catena"),
             "https://ingest.example.com/webhooks/*****"
         );
-        assert_eq!(mask_url("http://127.0.0.1:8080"), "http://127.0.0.1:8080/*****");
+        assert_eq!(
+            mask_url("http://127.0.0.1:8080"),
+            "http://127.0.0.1:8080/*****"
+        );
     }
 
     #[test]
     fn both_error_shapes_summarise() {
         let plain: ErrorBody =
-            serde_json::from_str(r#"{"code":"Conflict","message":"exists","detail":null}"#).unwrap();
+            serde_json::from_str(r#"{"code":"Conflict","message":"exists","detail":null}"#)
+                .unwrap();
         assert_eq!(plain.summary(), "exists");
         let fastapi: ErrorBody = serde_json::from_str(
             r#"{"detail":[{"loc":["body","event_name"],"msg":"bad name","type":"enum"}]}"#,
