@@ -24,7 +24,8 @@ use super::names;
 use super::pagination::{Cursor, paginate};
 use super::state::{self, Fake, NewSubscription};
 use crate::catena::model::{
-    CreateWebhook, DeliveryLog, DeliveryStatus, PatchWebhook, TokenResponse, Webhook, WebhookStatus,
+    CreateWebhook, DeliveryLog, DeliveryStatus, PatchWebhook, TokenResponse, Webhook,
+    WebhookMetrics, WebhookStatus,
 };
 
 const READ: &str = "webhook:read";
@@ -452,7 +453,7 @@ pub(super) async fn metrics(
     State(fake): State<Fake>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Response> {
+) -> ApiResult<Json<WebhookMetrics>> {
     let mut state = fake.lock();
     authorize(&state, &headers, READ)?;
     let now = Utc::now();
@@ -468,7 +469,7 @@ pub(super) async fn metrics(
     let metrics = subscription
         .health
         .metrics(attempts, subscription.dlq.len(), now, min_messages);
-    Ok(Json(metrics).into_response())
+    Ok(Json(metrics))
 }
 
 /// `GET /{id}/logs?start_date&end_date&status&cursor&size`: one entry per attempt, oldest first,

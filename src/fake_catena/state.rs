@@ -317,6 +317,7 @@ impl Fake {
         f(&mut self.lock().config);
     }
 
+    /// The config in force (after every `set_config` and `PUT /_fake/config`).
     pub fn config(&self) -> FakeConfig {
         self.lock().config.clone()
     }
@@ -381,7 +382,8 @@ impl Fake {
         self.lock().attempts.clone()
     }
 
-    /// A subscription made by an operator in Catena's UI: no API call, a generated secret.
+    /// A subscription made by an operator in Catena's UI: no API call, a generated secret (not
+    /// in the answer, which is masked as a `GET` would be; see [`Fake::secret_of`]).
     pub fn create_by_hand(&self, event_name: &str, url: &str) -> Webhook {
         let mut state = self.lock();
         let mut created = self.insert_subscription(
@@ -397,8 +399,8 @@ impl Fake {
         created
     }
 
-    /// Test-only: the current secret (what the next PATCH-free delivery signs with, once any
-    /// `secret_switch_delay` is over).
+    /// Test-only: the current secret (the one deliveries sign with once any
+    /// `secret_switch_delay` is over). The API never shows it after the create.
     pub fn secret_of(&self, webhook_id: &str) -> Option<String> {
         self.lock()
             .subscription(webhook_id)

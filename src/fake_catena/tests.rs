@@ -621,3 +621,63 @@ async fn the_rate_limit_answers_429_with_retry_after_when_asked() {
         "used up"
     );
 }
+
+#[tokio::test]
+async fn a_patched_secret_signs_after_the_switch_delay_and_logs_list_every_attempt() {
+    let config = FakeConfig {
+        secret_switch_delay: Duration::from_millis(300),
+        ..FakeConfig::default()
+    };
+    let h = Harness::start(config).await;
+    let receiver = Receiver::start(202).await;
+    let subscription = h
+        .create("invitation.expired", &receiver.url, Some(SECRET))
+        .await;
+    let rotated = "the-rotated-secret-456";
+    let (status, _) = h
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/{}", subscription.id),
+            Some(json!({"secret": rotated})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.fake().secret_of(&subscription.id).as_deref(),
+        Some(rotated)
+    );
+    let verifies_with = |received: &Received, secret: &str| {
+        let secrets = SecretStore::parse(&format!("{}={secret}", subscription.id)).unwrap();
+        let headers = SignedHeaders {
+            timestamp: Some(received.header("x-catena-timestamp")),
+            signature: Some(received.header("x-catena-signature")),
+            webhook_id: Some(received.header("x-webhook-id")),
+        };
+        let json = gunzip_capped(&received.body, 1 << 20).unwrap();
+        verify(&secrets, headers, &json, Utc::now(), Window::default()).is_ok()
+    };
+
+    h.fake().emit("invitation.expired", json!({}), None);
+    eventually("the first delivery", || receiver.received().len() == 1).await;
+    assert!(
+        verifies_with(&receiver.received()[0], SECRET),
+        "the old secret still signs"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.fake().emit("invitation.expired", json!({}), None);
+    eventually("the second delivery", || receiver.received().len() == 2).await;
+    assert!(verifies_with(&receiver.received()[1], rotated));
+
+    eventually("both attempts logged", || h.fake().attempts().len() == 2).await;
+    let (status, logs) = h
+        .call(
+            reqwest::Method::GET,
+            &format!("/{}/logs?status=success&size=1", subscription.id),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let logs: Page<crate::catena::model::DeliveryLog> = serde_json::from_value(logs).unwrap();
+    assert_eq!(logs.items.len(), 1);
+    assert!(logs.next_page.is_some());
+}
