@@ -29,14 +29,16 @@
 //! [`retention`] prunes what grows per event (dedup keys, failed executions, warnings,
 //! delivered notifications, the bodies of ignored events) in small batches, one worker at a time.
 //!
-//! Around the pipeline: [`ops`] (what the operator commands `parked`, `fleet` and `alerts` do)
-//! and [`loadgen`] (scenarios, Catena-style sending, end-to-end reports).
+//! Around the pipeline: [`ops`] (what the operator commands `parked`, `fleet` and `alerts` do),
+//! [`loadgen`] (scenarios, Catena-style sending, end-to-end reports) and [`fake_catena`] (an
+//! in-memory Catena: subscription API, delivery, breaker and DLQ, for tests and the demo).
 
 pub mod alerts;
 pub mod broker;
 pub mod catena;
 pub mod config;
 pub mod envelope;
+pub mod fake_catena;
 pub mod loadgen;
 pub mod message;
 pub mod metrics;

@@ -190,12 +190,13 @@ pub struct TokenResponse {
     pub scope: Option<String>,
 }
 
-/// An error body: `{code, message, detail}`, or FastAPI's `{"detail":[{loc,msg,type}]}` on 422.
+/// An error body: `{code, message, detail}`, or FastAPI's `{"detail":[{loc,msg,type}]}` on 422
+/// (written without `code` and `message` when they are `None`; `detail` is always written).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ErrorBody {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default)]
     pub detail: Option<Value>,

@@ -6,6 +6,7 @@
 mod alerts;
 mod bench;
 mod dev;
+mod fake_catena;
 mod fleet;
 mod ignored;
 mod migrate;
@@ -59,6 +60,8 @@ enum Command {
     Alerts(alerts::Alerts),
     /// List, or re-apply after an upgrade, the stored events whose names were not understood.
     Ignored(ignored::Ignored),
+    /// A stand-in for Catena (API, delivery, breaker, DLQ) for tests and the demo.
+    FakeCatena(fake_catena::FakeCatena),
     /// The measuring half of scripts/bench.sh: CPU snapshots, one JSON report per phase, the
     /// summary table.
     #[command(hide = true)]
@@ -80,6 +83,7 @@ impl Cli {
             Command::Fleet(command) => command.run().await,
             Command::Alerts(command) => command.run().await,
             Command::Ignored(command) => command.run().await,
+            Command::FakeCatena(command) => command.run().await,
             Command::Bench(command) => command.run().await,
         }
     }

@@ -134,9 +134,8 @@ impl Outgoing {
         self
     }
 
-    /// Catena's headers for one delivery attempt, in the order Catena sends them. The one list
-    /// behind both [`send_to`] and [`Outgoing::raw_http`], so the wrk corpus sends what `send`
-    /// sends.
+    /// [`catena_headers`] for this request: behind both [`send_to`] and [`Outgoing::raw_http`], so
+    /// the wrk corpus sends what `send` sends.
     fn headers(
         &self,
         timestamp: &str,
@@ -144,23 +143,14 @@ impl Outgoing {
         attempt: u32,
         gzip: bool,
     ) -> Vec<(&'static str, String)> {
-        let mut headers = vec![
-            ("Content-Type", "application/json".to_owned()),
-            ("User-Agent", "Catena-Webhook".to_owned()),
-            ("Accept", "application/json".to_owned()),
-            ("X-Catena-Signature", signature.to_owned()),
-            ("X-Catena-Timestamp", timestamp.to_owned()),
-            ("X-Event-Type", self.event_name.clone()),
-            ("X-Webhook-ID", self.webhook_id.clone()),
-            ("X-Request-ID", uuid::Uuid::new_v4().to_string()),
-            ("X-Schema-Version", "1.0".to_owned()),
-            ("X-Source", "catena-notifications".to_owned()),
-            ("X-Delivery-Attempt", attempt.to_string()),
-        ];
-        if gzip {
-            headers.push(("Content-Encoding", "gzip".to_owned()));
-        }
-        headers
+        catena_headers(
+            &self.event_name,
+            &self.webhook_id,
+            timestamp,
+            signature,
+            attempt,
+            gzip,
+        )
     }
 
     /// This request (first attempt) as raw HTTP/1.1 bytes, for a load generator that replays a
@@ -199,6 +189,35 @@ impl Outgoing {
             event.body(delivery.attempt),
         )
     }
+}
+
+/// Catena's headers for one delivery attempt (S1), in the order Catena sends them, with a fresh
+/// `X-Request-ID`. Shared by `send` and `fake-catena`, so both deliver alike.
+pub fn catena_headers(
+    event_name: &str,
+    webhook_id: &str,
+    timestamp: &str,
+    signature: &str,
+    attempt: u32,
+    gzip: bool,
+) -> Vec<(&'static str, String)> {
+    let mut headers = vec![
+        ("Content-Type", "application/json".to_owned()),
+        ("User-Agent", "Catena-Webhook".to_owned()),
+        ("Accept", "application/json".to_owned()),
+        ("X-Catena-Signature", signature.to_owned()),
+        ("X-Catena-Timestamp", timestamp.to_owned()),
+        ("X-Event-Type", event_name.to_owned()),
+        ("X-Webhook-ID", webhook_id.to_owned()),
+        ("X-Request-ID", uuid::Uuid::new_v4().to_string()),
+        ("X-Schema-Version", "1.0".to_owned()),
+        ("X-Source", "catena-notifications".to_owned()),
+        ("X-Delivery-Attempt", attempt.to_string()),
+    ];
+    if gzip {
+        headers.push(("Content-Encoding", "gzip".to_owned()));
+    }
+    headers
 }
 
 struct Shared {
