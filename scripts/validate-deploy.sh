@@ -151,6 +151,13 @@ PLAIN = {
     "catena_outbox_pending", "catena_alerts_raised_total", "catena_alert_notifications_total",
     "catena_retention_pruned_rows_total", "catena_retention_sweeps_total",
     "catena_retention_last_success_timestamp_seconds",
+    # control plane: the reconciler (`catena-ingest reconcile`) ...
+    "catena_control_subscriptions", "catena_control_dlq_messages",
+    "catena_control_actions_total", "catena_control_api_requests_total",
+    "catena_control_last_success_timestamp_seconds", "catena_control_leader",
+    "catena_control_secret_refusals",
+    # ... and the relay's secrets reloader (CATENA_WEBHOOK_SECRETS_FILE)
+    "catena_relay_secrets_reloads_total", "catena_relay_secrets_entries",
 }
 KNOWN = PLAIN | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 
