@@ -53,6 +53,7 @@ default_from_clap!(
     DedupRetention,
     DeliverySettings,
     CatenaSettings,
+    ReconcileSettings,
 );
 
 /// `250ms`, `5s`, `5m`, `1h`, `21d`; a bare number is seconds (`WORKER_DRAIN_SECONDS=20`).
@@ -340,6 +341,85 @@ impl std::fmt::Debug for CatenaSettings {
             .field("client_id", &self.client_id)
             .field("client_secret", &"***")
             .finish()
+    }
+}
+
+/// How the reconciler runs (catena-control-plane.md §2.2).
+#[derive(Args, Clone, Debug)]
+pub struct ReconcileSettings {
+    /// One cycle, then exit (the relay counts as healthy if it is ready right now).
+    #[arg(long)]
+    pub once: bool,
+
+    /// Time between cycles; a `webhook.*` event starts one early.
+    #[arg(long, env = "RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// How long the relay must have answered /readyz 200 without a break before a stale
+    /// subscription is reactivated or a DLQ replayed.
+    #[arg(long, env = "RECONCILE_HEALTHY_FOR", default_value = "60s", value_parser = parse_duration)]
+    pub healthy_for: Duration,
+
+    /// The relay readiness the reconciler trusts: the same path Catena takes where possible
+    /// (the relay's Service /readyz).
+    #[arg(
+        long,
+        env = "RELAY_READY_URL",
+        default_value = "http://127.0.0.1:8080/readyz"
+    )]
+    pub relay_ready_url: String,
+
+    /// Relay admin bases asked which subscriptions' signatures they refuse (comma separated;
+    /// default: the base of RELAY_READY_URL).
+    #[arg(
+        long = "relay-admin",
+        env = "CATENA_RELAY_ADMIN_URLS",
+        value_delimiter = ','
+    )]
+    pub relay_admins: Vec<String>,
+
+    /// Replay a DLQ again only if its count has not fallen for this long.
+    #[arg(long, env = "RECONCILE_REPLAY_SETTLE", default_value = "2m", value_parser = parse_duration)]
+    pub replay_settle: Duration,
+
+    /// The first wait between two reactivations of one subscription; it doubles up to 30 min and
+    /// resets after an hour active.
+    #[arg(long, env = "RECONCILE_ACTIVATE_BACKOFF", default_value = "1m", value_parser = parse_duration)]
+    pub activate_backoff: Duration,
+
+    /// A DLQ with messages for this long while we are healthy raises `webhook_dlq_backlog`.
+    #[arg(long, env = "RECONCILE_DLQ_ALERT_AFTER", default_value = "1h", value_parser = parse_duration)]
+    pub dlq_alert_after: Duration,
+
+    /// Never reactivate (alerts only).
+    #[arg(long)]
+    pub no_activate: bool,
+
+    /// Never replay (alerts only).
+    #[arg(long)]
+    pub no_replay: bool,
+
+    /// Address of the reconciler's /healthz, /readyz and /metrics.
+    #[arg(
+        long = "reconcile-metrics-listen",
+        env = "RECONCILE_METRICS_LISTEN",
+        default_value = "0.0.0.0:9091"
+    )]
+    pub metrics_listen: String,
+}
+
+impl ReconcileSettings {
+    /// The relay admin bases: as given, else the origin of RELAY_READY_URL.
+    pub fn relay_admins(&self) -> Vec<String> {
+        if !self.relay_admins.is_empty() {
+            return self.relay_admins.clone();
+        }
+        let url = &self.relay_ready_url;
+        let origin_end = url
+            .find("://")
+            .and_then(|scheme| url[scheme + 3..].find('/').map(|p| scheme + 3 + p))
+            .unwrap_or(url.len());
+        vec![url[..origin_end].to_owned()]
     }
 }
 

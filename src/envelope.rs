@@ -111,7 +111,7 @@ impl Event {
             Change::Connection { records, .. } => records.iter().find_map(|c| c.fleet_id),
             Change::FleetConnection(r) => r.first().map(|f| f.fleet_id),
             Change::ExecutionFailed(r) => r.iter().find_map(|e| e.fleet_id),
-            Change::ScheduleDeactivated(_) | Change::Ignored => None,
+            Change::ScheduleDeactivated(_) | Change::Webhook(_) | Change::Ignored => None,
         }
     }
 }
@@ -129,7 +129,17 @@ pub enum Change {
     FleetConnection(Vec<FleetConnection>),
     ExecutionFailed(Vec<Execution>),
     ScheduleDeactivated(Vec<Schedule>),
+    /// `webhook.*`: what Catena says about subscriptions (ours among them). It only wakes the
+    /// reconciler up; Catena's API stays the source of truth.
+    Webhook(Vec<WebhookStatusChange>),
     Ignored,
+}
+
+/// One subject of a `webhook.*` event and the status it announces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookStatusChange {
+    pub webhook_id: String,
+    pub status: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -434,6 +444,24 @@ fn decode_change(event_name: &str, data: &RawValue) -> Result<Change, DecodeErro
         ("fleet_connection", "created") => Change::FleetConnection(records(event_name, data)?),
         ("execution", "failed") => Change::ExecutionFailed(records(event_name, data)?),
         ("schedule", "deactivated") => Change::ScheduleDeactivated(records(event_name, data)?),
+        ("webhook", "created" | "updated" | "deleted" | "staled" | "activated" | "paused") => {
+            let subjects: Vec<crate::catena::model::WebhookEventData> = records(event_name, data)?;
+            Change::Webhook(
+                subjects
+                    .into_iter()
+                    .map(|s| WebhookStatusChange {
+                        status: match action {
+                            "staled" => "stale".to_owned(),
+                            "deleted" => "deleted".to_owned(),
+                            "activated" => "active".to_owned(),
+                            "paused" => "paused".to_owned(),
+                            _ => s.status.map_or("active", |st| st.as_str()).to_owned(),
+                        },
+                        webhook_id: s.id,
+                    })
+                    .collect(),
+            )
+        }
         _ => Change::Ignored,
     })
 }

@@ -37,6 +37,7 @@ pub mod alerts;
 pub mod broker;
 pub mod catena;
 pub mod config;
+pub mod control;
 pub mod envelope;
 pub mod fake_catena;
 pub mod loadgen;

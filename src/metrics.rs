@@ -161,27 +161,9 @@ impl RelayMetrics {
     }
 }
 
-/// Event names used as metric labels; anything else is `other`, so label cardinality is bounded.
-const KNOWN_EVENTS: [&str; 18] = [
-    "invitation.created",
-    "invitation.sent",
-    "invitation.viewed",
-    "invitation.accepted",
-    "invitation.declined",
-    "invitation.rejected",
-    "invitation.expired",
-    "invitation.deleted",
-    "share_agreement.created",
-    "share_agreement.updated",
-    "share_agreement.deleted",
-    "connection.created",
-    "connection.staled",
-    "fleet_connection.created",
-    "execution.failed",
-    "schedule.deactivated",
-    "webhook.staled",
-    "webhook.paused",
-];
+/// Event names used as metric labels are the ones we subscribe to; anything else is `other`, so
+/// label cardinality is bounded.
+const KNOWN_EVENTS: [&str; 22] = crate::catena::model::DESIRED_EVENTS;
 
 /// The `event_name` label for an event name.
 pub fn event_label(name: &str) -> &'static str {
@@ -473,4 +455,102 @@ pub fn render(registry: &Registry) -> String {
         .encode(&registry.gather(), &mut buf)
         .expect("text encoding cannot fail");
     String::from_utf8(buf).expect("exposition is UTF-8")
+}
+
+/// The reconciler's metrics (catena-control-plane.md §2.2 item 6). No id labels.
+#[derive(Clone)]
+pub struct ControlMetrics {
+    pub subscriptions: IntGaugeVec,
+    pub dlq_messages: IntGauge,
+    pub actions: IntCounterVec,
+    pub api_requests: IntCounterVec,
+    pub last_success: IntGauge,
+    pub leader: IntGauge,
+    pub secret_refusals: IntGauge,
+}
+
+/// `action` and `outcome` labels of `catena_control_actions_total`.
+pub const CONTROL_ACTIONS: [&str; 4] = ["activate", "replay", "alert_open", "alert_resolve"];
+pub const CONTROL_OUTCOMES: [&str; 3] = ["ok", "error", "skipped"];
+
+impl ControlMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let subscriptions = register(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "catena_control_subscriptions",
+                    "Our Catena subscriptions by Catena status, as last polled",
+                ),
+                &["status"],
+            )
+            .unwrap(),
+        );
+        for status in crate::catena::model::WebhookStatus::ALL {
+            subscriptions.with_label_values(&[status.as_str()]);
+        }
+        let actions = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "catena_control_actions_total",
+                    "What the reconciler did, by action and outcome",
+                ),
+                &["action", "outcome"],
+            )
+            .unwrap(),
+        );
+        for action in CONTROL_ACTIONS {
+            for outcome in CONTROL_OUTCOMES {
+                actions.with_label_values(&[action, outcome]);
+            }
+        }
+        Self {
+            subscriptions,
+            actions,
+            api_requests: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "catena_control_api_requests_total",
+                        "Calls to Catena's API by endpoint and answer class",
+                    ),
+                    &["endpoint", "class"],
+                )
+                .unwrap(),
+            ),
+            dlq_messages: register(
+                registry,
+                IntGauge::new(
+                    "catena_control_dlq_messages",
+                    "Messages in Catena's dead-letter queues of our subscriptions",
+                )
+                .unwrap(),
+            ),
+            last_success: register(
+                registry,
+                IntGauge::new(
+                    "catena_control_last_success_timestamp_seconds",
+                    "Unix time of the reconciler's last complete poll of Catena",
+                )
+                .unwrap(),
+            ),
+            leader: register(
+                registry,
+                IntGauge::new(
+                    "catena_control_leader",
+                    "1 on the reconciler that holds the singleton lock",
+                )
+                .unwrap(),
+            ),
+            secret_refusals: register(
+                registry,
+                IntGauge::new(
+                    "catena_control_secret_refusals",
+                    "Subscriptions whose deliveries our relays refuse for their signature (not reactivated)",
+                )
+                .unwrap(),
+            ),
+        }
+    }
 }

@@ -182,6 +182,21 @@ pub fn alertmanager_alert(notification: &Notification) -> Value {
             "startsAt": ts(alert.opened_at),
             "endsAt": ts(alert.resolved_at.unwrap_or_else(Utc::now)),
         }),
+        Notification::Warning { payload } if payload["alertname"].is_string() => {
+            // A warning that says everything itself (the reconciler's).
+            let mut labels = json!({"alertname": payload["alertname"], "severity": "warning"});
+            for key in ["webhook_id", "event_name"] {
+                if let Some(v) = payload[key].as_str() {
+                    labels[key] = v.into();
+                }
+            }
+            json!({
+                "labels": labels,
+                "annotations": {"summary": payload["summary"], "description": payload["description"]},
+                "startsAt": ts(Utc::now()),
+                "endsAt": ts(Utc::now() + chrono::Duration::hours(1)),
+            })
+        }
         Notification::Warning { payload } => {
             let mut labels = json!({"alertname": "CatenaExecutionFailures", "severity": "warning"});
             for key in [
@@ -224,6 +239,12 @@ fn webhook_body(outbox_id: i64, notification: &Notification) -> Value {
             "action": "resolve",
             "outbox_id": outbox_id,
             "alert": alert,
+        }),
+        Notification::Warning { payload } if payload["summary"].is_string() => json!({
+            "text": format!(":warning: {}", payload["summary"].as_str().unwrap_or_default()),
+            "action": "warning",
+            "outbox_id": outbox_id,
+            "warning": payload,
         }),
         Notification::Warning { payload } => json!({
             "text": format!(":warning: schedule {} failed {} times within the window", payload["schedule_id"].as_str().unwrap_or("?"), payload["failures"]),

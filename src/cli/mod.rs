@@ -11,8 +11,10 @@ mod fleet;
 mod ignored;
 mod migrate;
 mod parked;
+mod reconcile;
 mod relay;
 mod send;
+mod subscriptions;
 mod topology;
 mod worker;
 
@@ -60,6 +62,10 @@ enum Command {
     Alerts(alerts::Alerts),
     /// List, or re-apply after an upgrade, the stored events whose names were not understood.
     Ignored(ignored::Ignored),
+    /// Our Catena webhook subscriptions and their secrets, as code: sync, list, rotate.
+    Subscriptions(subscriptions::Subscriptions),
+    /// Reactivate stale Catena subscriptions and replay their DLQs once our relay is healthy.
+    Reconcile(Box<reconcile::Reconcile>),
     /// A stand-in for Catena (API, delivery, breaker, DLQ) for tests and the demo.
     FakeCatena(fake_catena::FakeCatena),
     /// The measuring half of scripts/bench.sh: CPU snapshots, one JSON report per phase, the
@@ -83,6 +89,8 @@ impl Cli {
             Command::Fleet(command) => command.run().await,
             Command::Alerts(command) => command.run().await,
             Command::Ignored(command) => command.run().await,
+            Command::Subscriptions(command) => command.run().await,
+            Command::Reconcile(command) => command.run().await,
             Command::FakeCatena(command) => command.run().await,
             Command::Bench(command) => command.run().await,
         }

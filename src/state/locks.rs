@@ -57,7 +57,7 @@ pub(super) fn entity_locks(event: &Event) -> Vec<i64> {
                 keys.push(key(CONNECTION, r.connection_id));
             }
         }
-        Change::Ignored => {}
+        Change::Webhook(_) | Change::Ignored => {}
     }
     keys
 }

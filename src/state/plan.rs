@@ -198,6 +198,14 @@ pub(super) struct Plan {
     executions: Vec<ExecutionRow>,
     deactivations: Vec<DeactivationRow>,
     observations: Vec<ObservationRow>,
+    webhooks: Vec<WebhookRow>,
+}
+
+/// A `webhook.*` event's word on one subscription.
+struct WebhookRow {
+    id: String,
+    status: String,
+    t: DateTime<Utc>,
 }
 
 /// Observation kinds, as `status_observations.kind`.
@@ -353,6 +361,15 @@ impl Plan {
                     });
                 }
             }
+            Change::Webhook(changes) => {
+                for c in changes {
+                    self.webhooks.push(WebhookRow {
+                        id: c.webhook_id.clone(),
+                        status: c.status.clone(),
+                        t,
+                    });
+                }
+            }
             Change::Ignored => {}
         }
     }
@@ -411,6 +428,7 @@ impl Plan {
             && self.fleet_connections.is_empty()
             && self.executions.is_empty()
             && self.deactivations.is_empty()
+            && self.webhooks.is_empty()
     }
 
     /// The statements, in dependency order (mappings after the rows they map, alerts after the
@@ -537,6 +555,17 @@ impl Plan {
                     col(&round, |r| r.fleet_id),
                     col(&round, |r| r.connection_id),
                     col(&round, |r| r.t),
+                ],
+            );
+        }
+        if !self.webhooks.is_empty() {
+            let all: Vec<&WebhookRow> = self.webhooks.iter().collect();
+            push(
+                WEBHOOK_EVENT_STATUS,
+                vec![
+                    col(&all, |r| r.id.clone()),
+                    col(&all, |r| r.status.clone()),
+                    col(&all, |r| r.t),
                 ],
             );
         }

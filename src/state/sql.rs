@@ -314,3 +314,20 @@ RETURNING event_key";
 /// Takes the advisory locks in array order (the caller sorts them).
 pub(super) const ENTITY_LOCKS: &str =
     "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) WITH ORDINALITY AS l(k, n)";
+
+/// `webhook.*` news about our subscriptions (others are ignored), newest per subscription by
+/// (event time, status) so the outcome is the same in any order, then a wake-up for the
+/// reconciler, delivered at commit.
+pub(super) const WEBHOOK_EVENT_STATUS: &str = "
+WITH incoming AS (
+    SELECT DISTINCT ON (id) id, status, at
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS n(id, status, at)
+    ORDER BY id, at DESC, status DESC
+), updated AS (
+    UPDATE catena_subscriptions s SET event_status = i.status, event_status_at = i.at
+    FROM incoming i
+    WHERE s.webhook_id = i.id
+      AND (s.event_status_at IS NULL OR (s.event_status_at, s.event_status) < (i.at, i.status))
+    RETURNING s.webhook_id
+)
+SELECT pg_notify('catena_control', webhook_id) FROM updated";

@@ -145,3 +145,72 @@ pub fn pool(database_url: &str, size: usize) -> Result<Pool, DbError> {
         .build()
         .map_err(|e| DbError::Config(e.to_string()))
 }
+
+/// Forward every notification on `channel` as a wake-up until shutdown, reconnecting after a
+/// lost connection (notifications sent meanwhile are missed: a listener must not depend on them
+/// for correctness, only for promptness).
+pub fn spawn_listener(
+    database_url: String,
+    channel: &'static str,
+    wake: tokio::sync::mpsc::Sender<()>,
+    shutdown: crate::shutdown::Shutdown,
+) {
+    tokio::spawn(async move {
+        while !shutdown.is_triggered() {
+            let listened = async {
+                let target = target(&database_url)?;
+                match target.tls {
+                    Some(tls) => {
+                        let (client, connection) = target.config.connect(tls).await?;
+                        listen_on(client, connection, channel, &wake).await
+                    }
+                    None => {
+                        let (client, connection) = target.config.connect(NoTls).await?;
+                        listen_on(client, connection, channel, &wake).await
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                result = listened => if let Err(error) = result {
+                    tracing::debug!(%error, channel, "LISTEN connection lost");
+                },
+            }
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+}
+
+async fn listen_on<S, T>(
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<S, T>,
+    channel: &str,
+    wake: &tokio::sync::mpsc::Sender<()>,
+) -> Result<(), DbError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let statement = format!("LISTEN {channel}");
+    let listen = client.batch_execute(&statement);
+    tokio::pin!(listen);
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            done = &mut listen, if !listening => { done?; listening = true; }
+            message = messages.next() => match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    let _ = wake.try_send(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error.into()),
+                None => return Ok(()),
+            },
+        }
+    }
+}
