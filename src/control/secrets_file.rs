@@ -73,7 +73,8 @@ pub struct SecretsFile {
     foreign: Vec<String>,
 }
 
-const HEADER: &str = "# catena-ingest webhook secrets: written by `catena-ingest subscriptions sync`/`rotate`, read by the relay. Do not edit the #@ lines.";
+/// No commas in here either.
+const HEADER: &str = "# catena-ingest webhook secrets: written by `catena-ingest subscriptions sync` and `rotate` and read by the relay. Do not edit the #@ lines.";
 
 impl SecretsFile {
     pub fn parse(text: &str) -> Result<Self, ParseError> {
@@ -219,7 +220,7 @@ mod tests {
             retire_after: Some("2026-12-01T13:00:00Z".parse().unwrap()),
         });
         let text = file.render();
-        assert!(!text.contains(", "), "no commas: the relay splits on them");
+        assert!(!text.contains(','), "no commas: the relay splits on them");
         assert_eq!(SecretsFile::parse(&text).unwrap(), file);
         let store = SecretStore::parse(&text).unwrap();
         assert_eq!(
