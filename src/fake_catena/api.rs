@@ -279,7 +279,7 @@ pub(super) async fn list(
 ) -> ApiResult<Json<crate::catena::model::Page<Webhook>>> {
     let state = fake.lock();
     authorize(&state, &headers, READ)?;
-    let size = page_size(&query)?;
+    let size = page_size(&query)?.min(state.config.max_page_size.unwrap_or(usize::MAX).max(1));
     let status = status_filter(&query)?;
     let cursor = cursor(&query)?;
     let event_name = query.get("event_name");

@@ -38,6 +38,8 @@ pub struct FakeConfig {
     pub rate_limit: Option<RateLimit>,
     /// Answers to inject, for the client's retry tests; each rule is used up after `count` calls.
     pub fail_next: Vec<FailRule>,
+    /// Pages never hold more than this, whatever `size` asks (the client must follow cursors).
+    pub max_page_size: Option<usize>,
 
     // --- delivery
     /// Beyond this an attempt counts as a timeout (status_code 0) and is retried.
@@ -87,6 +89,7 @@ impl Default for FakeConfig {
             event_enum: EventEnum::New,
             rate_limit: None,
             fail_next: Vec::new(),
+            max_page_size: None,
             timeout: Duration::from_secs(3),
             retry_delays_ms: vec![500, 1000, 2000],
             max_in_flight: 8,

@@ -17,6 +17,7 @@
 mod helpers;
 
 mod alerts;
+mod control_plane;
 mod faults;
 mod fuzz;
 mod operate;

@@ -114,30 +114,25 @@ impl TestDb {
     /// The state that must converge, as sorted text: every contract relation (alerts: the open
     /// set).
     pub async fn snapshot(&self) -> String {
+        self.snapshot_of(&SNAPSHOT).await
+    }
+
+    /// [`TestDb::snapshot`] of what the fleet events derive, for runs delivered through
+    /// fake-catena: its subscriptions deliver under their own webhook ids, and its `webhook.*`
+    /// events and the reconciler's alerts have no counterpart in a reference run.
+    pub async fn fleet_snapshot(&self) -> String {
+        let mut queries = SNAPSHOT;
+        queries[9] = "SELECT (to_jsonb(t) - ARRAY['alert_id', 'created_at', 'paged'])::text FROM alerts t WHERE kind IN ('connection_stale', 'schedule_deactivated')";
+        queries[10] = "SELECT (to_jsonb(t) - ARRAY['received_at', 'processed_at', 'webhook_id'])::text FROM webhook_events t WHERE event_name NOT LIKE 'webhook.%'";
+        self.snapshot_of(&queries).await
+    }
+
+    async fn snapshot_of(&self, queries: &[&str]) -> String {
         let client = self.client().await;
-        // Every column of every table the events derive, as JSON, minus what is wall-clock or
-        // delivery metadata rather than a function of the events (receive and commit times,
-        // row creation times, alert ids, whether an alert paged).
-        let queries = [
-            "SELECT to_jsonb(t)::text FROM invitations t",
-            "SELECT (to_jsonb(t) - 'first_seen_at')::text FROM fleets t",
-            "SELECT to_jsonb(t)::text FROM share_agreements t",
-            "SELECT to_jsonb(t)::text FROM connections t",
-            "SELECT to_jsonb(t)::text FROM fleet_connections t",
-            "SELECT to_jsonb(t)::text FROM schedules t",
-            "SELECT to_jsonb(t)::text FROM failed_executions t",
-            "SELECT to_jsonb(t)::text FROM status_observations t",
-            "SELECT (to_jsonb(t) - 'raised_at')::text FROM failure_warnings t",
-            "SELECT (to_jsonb(t) - ARRAY['alert_id', 'created_at', 'paged'])::text FROM alerts t",
-            "SELECT (to_jsonb(t) - ARRAY['received_at', 'processed_at'])::text FROM webhook_events t",
-            // Warnings are a function of the set (fixed windows); alert pages are not, see
-            // `outbox_problems`.
-            "SELECT payload->>'schedule_id' || ' ' || (payload->>'window_start') FROM alert_outbox WHERE action = 'warning'",
-        ];
         let mut out = String::new();
         for sql in queries {
             let mut rows: Vec<String> = client
-                .query(sql, &[])
+                .query(*sql, &[])
                 .await
                 .unwrap()
                 .iter()
@@ -153,6 +148,7 @@ impl TestDb {
         }
         out
     }
+
 
     /// What the outbox says of the alerts, checked against their rows: an open alert paged once
     /// and was not resolved; a resolved one either paged and was resolved once each, or (an
@@ -256,3 +252,23 @@ pub fn assert_same_state(expected: &str, actual: &str) {
     let extra: Vec<_> = a.difference(&e).take(20).collect();
     panic!("state differs\nonly in expected:\n{missing:#?}\nonly in actual:\n{extra:#?}");
 }
+
+/// Every column of every table the events derive, as JSON, minus what is wall-clock or delivery
+/// metadata rather than a function of the events (receive and commit times, row creation times,
+/// alert ids, whether an alert paged).
+const SNAPSHOT: [&str; 12] = [
+    "SELECT to_jsonb(t)::text FROM invitations t",
+    "SELECT (to_jsonb(t) - 'first_seen_at')::text FROM fleets t",
+    "SELECT to_jsonb(t)::text FROM share_agreements t",
+    "SELECT to_jsonb(t)::text FROM connections t",
+    "SELECT to_jsonb(t)::text FROM fleet_connections t",
+    "SELECT to_jsonb(t)::text FROM schedules t",
+    "SELECT to_jsonb(t)::text FROM failed_executions t",
+    "SELECT to_jsonb(t)::text FROM status_observations t",
+    "SELECT (to_jsonb(t) - 'raised_at')::text FROM failure_warnings t",
+    "SELECT (to_jsonb(t) - ARRAY['alert_id', 'created_at', 'paged'])::text FROM alerts t",
+    "SELECT (to_jsonb(t) - ARRAY['received_at', 'processed_at'])::text FROM webhook_events t",
+    // Warnings are a function of the set (fixed windows); alert pages are not, see
+    // `outbox_problems`.
+    "SELECT payload->>'schedule_id' || ' ' || (payload->>'window_start') FROM alert_outbox WHERE action = 'warning' AND payload ? 'schedule_id'",
+];

@@ -13,6 +13,7 @@
 //! `RelayConfig`, `WorkerConfig`, `db`, `scenario`, `send`), so a rename in `src/` is fixed here.
 
 pub mod alerting;
+pub mod control;
 pub mod broker;
 pub mod db;
 pub mod http;
