@@ -145,9 +145,9 @@ pub async fn observe_health(
         .execute(
             "UPDATE catena_subscriptions SET
                 ewma_success_rate = $2,
-                dlq_nonzero_since = CASE WHEN $3 = 0 THEN NULL ELSE COALESCE(dlq_nonzero_since, now()) END,
-                dlq_last_fell_at = CASE WHEN $3 < COALESCE(dlq_count, 0) THEN now() ELSE dlq_last_fell_at END,
-                dlq_count = $3
+                dlq_nonzero_since = CASE WHEN $3::bigint = 0 THEN NULL ELSE COALESCE(dlq_nonzero_since, now()) END,
+                dlq_last_fell_at = CASE WHEN $3::bigint < COALESCE(dlq_count, 0) THEN now() ELSE dlq_last_fell_at END,
+                dlq_count = $3::bigint
              WHERE webhook_id = $1",
             &[&webhook_id, &ewma, &dlq_count],
         )
