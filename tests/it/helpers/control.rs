@@ -180,7 +180,10 @@ impl ControlPlane {
             .fake
             .calls()
             .iter()
-            .filter(|c| c.path.starts_with(WEBHOOKS_PATH) && ["POST", "PATCH", "DELETE"].contains(&c.method.as_str()))
+            .filter(|c| {
+                c.path.starts_with(WEBHOOKS_PATH)
+                    && ["POST", "PATCH", "DELETE"].contains(&c.method.as_str())
+            })
             .count()
     }
 

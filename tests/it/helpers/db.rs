@@ -149,7 +149,6 @@ impl TestDb {
         out
     }
 
-
     /// What the outbox says of the alerts, checked against their rows: an open alert paged once
     /// and was not resolved; a resolved one either paged and was resolved once each, or (an
     /// episode first seen over) never paged at all. Empty when all holds.

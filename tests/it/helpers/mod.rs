@@ -13,8 +13,8 @@
 //! `RelayConfig`, `WorkerConfig`, `db`, `scenario`, `send`), so a rename in `src/` is fixed here.
 
 pub mod alerting;
-pub mod control;
 pub mod broker;
+pub mod control;
 pub mod db;
 pub mod http;
 pub mod load;
