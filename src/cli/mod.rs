@@ -6,6 +6,7 @@
 mod alerts;
 mod bench;
 mod dev;
+mod dev_catena;
 mod fake_catena;
 mod fleet;
 mod ignored;

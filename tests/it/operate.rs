@@ -223,10 +223,19 @@ async fn dashboard_and_rules_query_only_exported_metrics() {
     assert_eq!(p.wait_for_applied(1, Duration::from_secs(20)).await, 1);
     tokio::time::sleep(Duration::from_millis(600)).await;
 
+    // The reconciler's registry, as `reconcile` builds it (its API counter gets its label sets
+    // from the client).
+    let control = prometheus::Registry::new();
+    let control_metrics = catena_ingest::metrics::ControlMetrics::new(&control);
+    let _client = catena_ingest::catena::CatenaClient::new(
+        Default::default(),
+        Some(control_metrics.api_requests.clone()),
+    );
     let mut exported = BTreeSet::new();
     for text in [
         p.relay_metrics().await,
         http::get_text(&p.worker_endpoint("/metrics")).await,
+        catena_ingest::metrics::render(&control),
     ] {
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let mut parts = line.split_whitespace().skip(2);
