@@ -129,6 +129,36 @@ pub async fn sync(control: &Control<'_>, plan: &SyncPlan) -> Result<SyncReport, 
         live.retain(|row| !gone.iter().any(|g| g.webhook_id == row.webhook_id));
     }
 
+    // Every missing name's secret is written (a pending `*` entry, reused after a crash) and
+    // loaded by every relay in one barrier, before any create: a sync of 22 names waits for the
+    // relays once, not 22 times.
+    let missing: Vec<&String> = plan
+        .events
+        .iter()
+        .filter(|name| {
+            !live
+                .iter()
+                .any(|r| &&r.event_name == name && r.url == plan.public_url)
+        })
+        .collect();
+    if !plan.dry_run {
+        let mut added = false;
+        for event_name in &missing {
+            if file.pending(event_name).is_none() {
+                file.add(Entry {
+                    id: "*".into(),
+                    secret: generate_secret(),
+                    event_name: event_name.to_string(),
+                    retire_after: None,
+                });
+                added = true;
+            }
+        }
+        if added {
+            control.write_and_wait(&file).await?;
+        }
+    }
+
     for event_name in &plan.events {
         let mine = live
             .iter()
@@ -265,21 +295,13 @@ async fn create_or_adopt(
         }
         return Ok(());
     }
-    // A pending secret left by a crash is reused: Catena may already sign with it.
-    let secret = match file.pending(event_name) {
-        Some(entry) => entry.secret.clone(),
-        None => {
-            let secret = generate_secret();
-            file.add(Entry {
-                id: "*".into(),
-                secret: secret.clone(),
-                event_name: event_name.to_owned(),
-                retire_after: None,
-            });
-            control.write_and_wait(file).await?;
-            secret
-        }
-    };
+    // Written and loaded by every relay before this (or left by a crash, when Catena may
+    // already sign with it).
+    let secret = file
+        .pending(event_name)
+        .expect("every missing name has a pending secret")
+        .secret
+        .clone();
     let created = control
         .catena
         .create(&CreateWebhook {

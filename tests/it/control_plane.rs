@@ -634,7 +634,23 @@ async fn a_secret_mismatch_is_not_reactivated_until_a_rotation() {
         .await,
         "reactivated and replayed after the rotation"
     );
+    // An empty DLQ means replayed, not yet delivered: wait for the deliveries first.
     let client = cp.pipeline.db().client().await;
+    eventually(
+        Duration::from_secs(30),
+        || async {
+            client
+                .query_one(
+                    "SELECT count(DISTINCT event_id) FROM webhook_events WHERE event_id = ANY($1)",
+                    &[&emitted],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        },
+        |n| *n == emitted.len() as i64,
+    )
+    .await;
     for id in &emitted {
         let n: i64 = client
             .query_one(
@@ -711,6 +727,104 @@ async fn a_replay_that_remints_ids_applies_the_event_under_a_new_key() {
     assert!(
         event_time > original_time,
         "and with the replay's time as its event time"
+    );
+    cp.stop().await;
+}
+
+/// The binary's `subscriptions` commands against the fake: `--dry-run` exits 2 while there is
+/// something to do and 0 once in sync, `--json` reports, `list` shows ours, `rotate --id` of an
+/// id that is not ours exits 2, and `reconcile --once` runs one cycle and exits 0.
+#[tokio::test]
+async fn the_cli_syncs_lists_rotates_and_reconciles_once_with_the_documented_exit_codes() {
+    let cp = ControlPlane::start(TestPipeline::builder("cp_cli"), test_fake_config()).await;
+    let settings = cp.catena_settings();
+    let relay_admin = format!("http://{}", cp.pipeline.relay_addr());
+    let secrets_file = cp.secrets_file.display().to_string();
+    let public_url = cp.public_url();
+    let cli = |args: &[&str]| {
+        cp.pipeline
+            .cli(args)
+            .env("CATENA_API_URL", &settings.api_url)
+            .env("CATENA_AUTH_URL", &settings.auth_url)
+            .env("CATENA_CLIENT_ID", &settings.client_id)
+            .env("CATENA_CLIENT_SECRET", &settings.client_secret)
+            .env("CATENA_PUBLIC_URL", &public_url)
+            .env("CATENA_WEBHOOK_SECRETS_FILE", &secrets_file)
+            .env("CATENA_RELAY_ADMIN_URLS", &relay_admin)
+    };
+    let insecure = ["subscriptions", "sync", "--allow-insecure-url"];
+    let dry = cli(&[&insecure[..], &["--dry-run", "--json"]].concat())
+        .output()
+        .await;
+    assert_eq!(dry.status.code(), Some(2), "changes to make");
+    let report: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(report["created"].as_array().unwrap().len(), 22);
+    assert_eq!(cp.mutating_calls(), 0, "a dry run changes nothing");
+
+    let refused = cli(&["subscriptions", "sync"]).output().await;
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "http:// needs --allow-insecure-url"
+    );
+
+    let synced = cli(&insecure).output().await;
+    assert_eq!(
+        synced.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&synced.stderr)
+    );
+    let again = cli(&[&insecure[..], &["--dry-run"]].concat())
+        .output()
+        .await;
+    assert_eq!(again.status.code(), Some(0), "in sync");
+
+    let listed = cli(&["subscriptions", "list", "--json"]).output().await;
+    assert_eq!(listed.status.code(), Some(0));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(rows.len(), 22);
+    assert!(rows.iter().all(|r| r["status"] == "active"));
+
+    let unknown = cli(&[
+        "subscriptions",
+        "rotate",
+        "--id",
+        "00000000-0000-0000-0000-000000000000",
+    ])
+    .output()
+    .await;
+    assert_eq!(unknown.status.code(), Some(2));
+
+    let once = cli(&[
+        "reconcile",
+        "--once",
+        "--reconcile-metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .env(
+        "RELAY_READY_URL",
+        format!("http://{}/readyz", cp.proxy.addr),
+    )
+    .output()
+    .await;
+    assert_eq!(
+        once.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    let observed = cp
+        .pipeline
+        .count(
+            "SELECT count(*) FROM catena_subscriptions WHERE status = 'active' AND dlq_count = 0",
+        )
+        .await;
+    assert_eq!(observed, 22, "one cycle observed every subscription");
+    let logs = [dry.stderr, synced.stderr, once.stderr].concat();
+    assert!(
+        !String::from_utf8_lossy(&logs).contains(&settings.client_secret),
+        "the client secret is never logged"
     );
     cp.stop().await;
 }
