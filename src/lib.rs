@@ -29,6 +29,11 @@
 //! [`retention`] prunes what grows per event (dedup keys, failed executions, warnings,
 //! delivered notifications, the bodies of ignored events) in small batches, one worker at a time.
 //!
+//! Catena's side of the loop: [`catena`] (the subscription API's wire types and our client),
+//! [`control`] (`subscriptions sync`/`rotate`, the registry, the secrets sink, and the
+//! reconciler that reactivates stale subscriptions and replays their DLQs) and [`fake_catena`]
+//! (the stand-in for Catena in tests and the demo).
+//!
 //! Around the pipeline: [`ops`] (what the operator commands `parked`, `fleet` and `alerts` do),
 //! [`loadgen`] (scenarios, Catena-style sending, end-to-end reports) and [`fake_catena`] (an
 //! in-memory Catena: subscription API, delivery, breaker and DLQ, for tests and the demo).
