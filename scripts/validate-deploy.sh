@@ -9,7 +9,8 @@
 #   deploy/alertmanager          amtool check-config
 #   deploy/grafana               dashboard JSON parses, its PromQL parses, and it (like the
 #                                rules) uses only catena_* metrics the binary exports
-#   deploy/RUNBOOK.md            one section per alert, matching the runbook annotations
+#   deploy/RUNBOOK.md            one section per alert, matching the runbook_url annotations
+#   rule names                   none is the alertname of a notification the worker posts itself
 #
 # Missing tools are installed quietly (Debian packages prometheus + prometheus-alertmanager
 # for promtool/amtool; PyPI packages check-jsonschema, kubernetes-validate, PyYAML).
@@ -215,8 +216,10 @@ for g in rules["groups"]:
         ann = r.get("annotations", {})
         if name not in headings:
             errors.append(f"{name}: no '## {name}' section in deploy/RUNBOOK.md")
-        if not ann.get("runbook", "").endswith("/deploy/RUNBOOK.md#" + name.lower()):
-            errors.append(f"{name}: runbook annotation does not end with #{name.lower()}")
+        if "runbook" in ann:
+            errors.append(f"{name}: use the runbook_url annotation (kube-prometheus), not runbook")
+        if not ann.get("runbook_url", "").endswith("/deploy/RUNBOOK.md#" + name.lower()):
+            errors.append(f"{name}: runbook_url annotation does not end with #{name.lower()}")
         for key in ("summary", "description"):
             if not ann.get(key):
                 errors.append(f"{name}: missing {key} annotation")
@@ -224,6 +227,30 @@ for g in rules["groups"]:
             errors.append(f"{name}: severity label must be page or warning")
 if errors:
     sys.exit("\n".join(errors))
+PY
+}
+
+# The worker posts per-entity alerts to Alertmanager itself (src/alerts: AlertKind::alertname,
+# and the `"alertname": "..."` of its warnings). A rule with one of those names would merge
+# with them into one alert of mixed labels: rules must use other names.
+alertnames_distinct() {
+  python3 - <<'PY'
+import pathlib, re, sys, yaml
+src = "\n".join(p.read_text() for p in pathlib.Path("src").rglob("*.rs"))
+fn = re.search(r"fn alertname\(self\)[^{]*\{(.*?)\n    \}", src, re.S)
+if not fn:
+    sys.exit("src: AlertKind::alertname() not found")
+worker = set(re.findall(r'=>\s*"(Catena\w+)"', fn.group(1)))
+worker |= set(re.findall(r'"alertname":\s*"(Catena\w+)"', src))
+if len(worker) < 5:
+    sys.exit(f"src: found only {sorted(worker)} as the worker's alertnames")
+rules = yaml.safe_load(open("deploy/prometheus/rules/catena.yml"))
+names = [r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r]
+errors = [f"rule {n} has the alertname of a worker notification" for n in names if n in worker]
+errors += [f"rule {n} is defined more than once" for n in sorted(set(names)) if names.count(n) > 1]
+if errors:
+    sys.exit("\n".join(errors))
+print(f"{len(names)} rules; worker notifications: {', '.join(sorted(worker))}")
 PY
 }
 
@@ -243,7 +270,8 @@ check "dashboard JSON parses (python3 -m json.tool)" \
   python3 -m json.tool deploy/grafana/dashboards/catena-ingest.json /dev/null
 check "dashboard PromQL parses; only contract catena_* metrics in dashboard and rules" \
   metrics_contract
-check "RUNBOOK.md has a section per alert matching its runbook annotation" runbook_sections
+check "RUNBOOK.md has a section per alert matching its runbook_url annotation" runbook_sections
+check "rule alertnames differ from the worker's own notifications (src/alerts)" alertnames_distinct
 
 if [ "$FAILED" -gt 0 ]; then
   printf '%d check(s) failed\n' "$FAILED"
