@@ -7,8 +7,10 @@
 #   deploy/k8s/prometheusrule.yaml  up to date with scripts/gen-prometheusrule.py
 #   deploy/prometheus            promtool check config / check rules / test rules
 #   deploy/alertmanager          amtool check-config
-#   deploy/grafana               dashboard JSON parses, its PromQL parses, and it (like the
-#                                rules) uses only catena_* metrics the binary exports
+#   deploy/grafana               dashboard JSON parses, its PromQL parses (with its variables,
+#                                e.g. $prefix, at their defaults), every queue selector uses
+#                                $prefix, and it (like the rules) uses only catena_* metrics
+#                                the binary exports
 #   deploy/RUNBOOK.md            one section per alert, matching the runbook_url annotations
 #   rule names                   none is the alertname of a notification the worker posts itself
 #
@@ -189,11 +191,36 @@ for origin, exprs in (("dashboard", dash_exprs), ("rules", rule_exprs)):
 if bad:
     sys.exit("\n".join(bad))
 
+# Queue names carry CATENA_NAME_PREFIX: every queue selector must use the dashboard's `prefix`
+# variable, or the panel is empty under another prefix and charts other tenants' queues on a
+# shared broker.
+for e in dash_exprs:
+    for sel in re.findall(r'\bqueue\s*(?:=~|!~|=|!=)\s*"([^"]*)"', e):
+        if not sel.startswith("$prefix"):
+            bad.append(f"dashboard: queue selector \"{sel}\" does not start with $prefix in: {e.strip()}")
+if bad:
+    sys.exit("\n".join(bad))
+
+# Grafana's built-in interval variables, then the dashboard's own variables (textbox, custom,
+# constant) at their default values; anything left that looks like a variable is undefined.
 subst = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+own = {}
+for v in dash.get("templating", {}).get("list", []):
+    if v.get("type") in ("textbox", "custom", "constant"):
+        current = v.get("current", {}).get("value") or v.get("query", "")
+        own[v["name"]] = current
+if "prefix" not in own:
+    sys.exit("dashboard: no templating variable `prefix` (CATENA_NAME_PREFIX)")
+for name in sorted(own, key=len, reverse=True):
+    subst["${" + name + "}"] = own[name]
+    subst["$" + name] = own[name]
 rec = []
 for i, e in enumerate(dash_exprs):
     for k, v in subst.items():
         e = e.replace(k, v)
+    left = re.findall(r"\$\{?\w+", e)
+    if left:
+        sys.exit(f"dashboard: undefined variable(s) {left} in: {dash_exprs[i].strip()}")
     rec.append({"record": f"dashboard:query_{i}", "expr": e})
 yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rec}]}, open(sys.argv[1], "w"))
 print(f"{len(dash_exprs)} dashboard queries, {len(rule_exprs)} rule expressions checked")
