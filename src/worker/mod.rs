@@ -13,6 +13,7 @@ mod reroute;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -75,14 +76,41 @@ pub(crate) struct Health {
     pub(crate) consuming: AtomicUsize,
     consumers: usize,
     registry: Registry,
+    /// The database answered the last probe of [`probe_database`].
+    db_reachable: AtomicBool,
 }
 
 impl Health {
     fn ready(&self) -> bool {
         self.consuming.load(Ordering::Relaxed) == self.consumers
             && self.ctx.db_ok.load(Ordering::Relaxed)
+            && self.db_reachable.load(Ordering::Relaxed)
             && self.ctx.publisher.is_ready()
     }
+}
+
+/// How often the database is probed on its own, and how long a probe may take.
+const DB_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Probe the database every [`DB_PROBE_INTERVAL`], traffic or not: batches only notice a lost
+/// database when they run, so an idle worker would stay ready for as long as nothing arrives.
+fn probe_database(health: Arc<Health>, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        loop {
+            let reachable = store::probe(&health.ctx.database_url, DB_PROBE_INTERVAL).await;
+            if health.db_reachable.swap(reachable, Ordering::Relaxed) != reachable {
+                match reachable {
+                    true => tracing::info!("database reachable again"),
+                    false => tracing::warn!("database probe failed: not ready"),
+                }
+            }
+            health.ctx.metrics.ready.set(health.ready() as i64);
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(DB_PROBE_INTERVAL) => {}
+            }
+        }
+    });
 }
 
 /// Check the retention settings, migrate (unless disabled), then consume until `shutdown`, with
@@ -130,7 +158,9 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
         consuming: AtomicUsize::new(0),
         consumers: settings.consumers.max(1),
         registry: registry.clone(),
+        db_reachable: AtomicBool::new(true),
     });
+    probe_database(health.clone(), shutdown.clone());
     let server = {
         let app = Router::new()
             .route("/healthz", get(|| async { "ok" }))

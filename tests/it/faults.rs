@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::http::http_status;
+use crate::helpers::http::{self, http_status, metric_value, wait_http_ok};
 use crate::helpers::*;
 
 #[tokio::test]
@@ -319,5 +319,45 @@ async fn an_events_queue_with_older_arguments_is_used_as_it_is() {
     p.start_worker().await;
     p.assert_converged(events.len(), Duration::from_secs(60))
         .await;
+    p.stop().await;
+}
+
+/// An idle worker whose database goes away reports not-ready within seconds (`/readyz` 503 and
+/// `catena_worker_ready` 0), with no event to notice it by, and ready again once it is back.
+#[tokio::test]
+async fn an_idle_worker_reports_a_lost_database_within_seconds() {
+    let p = TestPipeline::builder("pgidle")
+        .worker()
+        .worker_via_db_proxy()
+        .start()
+        .await;
+    let ready = p.worker_endpoint("/readyz");
+    let ready_gauge = || async {
+        metric_value(
+            &http::get_text(&p.worker_endpoint("/metrics")).await,
+            "catena_worker_ready",
+        )
+    };
+    assert!(wait_http_ok(&ready, Duration::from_secs(20)).await);
+    p.db_proxy().cut();
+    let cut = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            http_status(&ready).await == 503
+        })
+        .await,
+        "not ready within seconds of the loss, with no traffic"
+    );
+    println!(
+        "idle worker not ready {:.1} s after the database cut",
+        cut.elapsed().as_secs_f64()
+    );
+    assert_eq!(ready_gauge().await, Some(0.0));
+    p.db_proxy().restore();
+    assert!(
+        wait_http_ok(&ready, Duration::from_secs(15)).await,
+        "ready again"
+    );
+    assert_eq!(ready_gauge().await, Some(1.0));
     p.stop().await;
 }
