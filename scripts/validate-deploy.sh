@@ -152,6 +152,7 @@ PLAIN = {
     "catena_db_pool_connections", "catena_db_pool_max_connections",
     "catena_alerts_open", "catena_connections", "catena_schedules", "catena_parked_messages",
     "catena_outbox_pending", "catena_alerts_raised_total", "catena_alert_notifications_total",
+    "catena_fleets", "catena_invitations", "catena_invitations_stuck", "catena_fleets_without_active_connection",
     "catena_retention_pruned_rows_total", "catena_retention_sweeps_total",
     "catena_retention_last_success_timestamp_seconds",
     # control plane: the reconciler (`catena-ingest reconcile`) ...

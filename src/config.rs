@@ -524,6 +524,10 @@ pub struct NotifierSettings {
     #[arg(skip = Duration::from_secs(15))]
     pub gauge_interval: Duration,
 
+    /// How often one worker recounts the onboarding gauges over every fleet (not a flag).
+    #[arg(skip = Duration::from_secs(60))]
+    pub onboarding_interval: Duration,
+
     /// Outbox rows claimed per transaction (not a flag).
     #[arg(skip = 50)]
     pub batch: i64,

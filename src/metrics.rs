@@ -189,6 +189,10 @@ pub struct WorkerMetrics {
     pub alerts_open: IntGaugeVec,
     pub connections: IntGaugeVec,
     pub schedules: IntGaugeVec,
+    pub fleets: IntGaugeVec,
+    pub invitations: IntGaugeVec,
+    pub invitations_stuck: IntGauge,
+    pub fleets_without_active_connection: IntGauge,
     pub parked_messages: IntGauge,
     pub outbox_pending: IntGauge,
     pub notifications: IntCounterVec,
@@ -327,6 +331,44 @@ impl WorkerMetrics {
                         "Schedules by status (from PostgreSQL; aggregate with max)",
                     ),
                     &["status"],
+                )
+                .unwrap(),
+            ),
+            fleets: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "catena_fleets",
+                        "Fleets by onboarding stage (from PostgreSQL, refreshed once a minute; aggregate with max)",
+                    ),
+                    &["onboarding_status"],
+                )
+                .unwrap(),
+            ),
+            invitations: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "catena_invitations",
+                        "Invitations by status (from PostgreSQL, refreshed once a minute; aggregate with max)",
+                    ),
+                    &["status"],
+                )
+                .unwrap(),
+            ),
+            invitations_stuck: register(
+                registry,
+                IntGauge::new(
+                    "catena_invitations_stuck",
+                    "Invitations viewed but not accepted for more than a day",
+                )
+                .unwrap(),
+            ),
+            fleets_without_active_connection: register(
+                registry,
+                IntGauge::new(
+                    "catena_fleets_without_active_connection",
+                    "Connected fleets none of whose TSP connections is active",
                 )
                 .unwrap(),
             ),

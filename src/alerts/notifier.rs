@@ -89,7 +89,10 @@ pub fn spawn(
                 }
                 _ = gauges.tick() => {
                     match pool.get().await {
-                        Ok(client) => {
+                        Ok(mut client) => {
+                            if let Err(error) = super::gauges::refresh_onboarding(&mut client, config.onboarding_interval).await {
+                                tracing::debug!(%error, "onboarding counts refresh failed");
+                            }
                             if let Err(error) = super::refresh_gauges(&client, &publisher, &names, &metrics).await {
                                 tracing::debug!(%error, "gauge refresh failed");
                             }

@@ -47,6 +47,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "control_plane",
         include_str!("../../migrations/0008_control_plane.sql"),
     ),
+    (
+        9,
+        "onboarding_counts",
+        include_str!("../../migrations/0009_onboarding_counts.sql"),
+    ),
 ];
 
 /// Serialises concurrent `migrate` runs (any 64-bit constant unique to this app).

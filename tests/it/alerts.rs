@@ -19,6 +19,7 @@ fn fast_notifier(alertmanager: Option<&str>, webhook: Option<&str>) -> NotifierS
         webhook_url: webhook.map(str::to_owned),
         poll_interval: Duration::from_millis(100),
         gauge_interval: Duration::from_millis(200),
+        onboarding_interval: Duration::from_millis(100),
         ..Default::default()
     }
 }
@@ -258,12 +259,36 @@ async fn gauges_match_the_tables_after_a_scenario() {
             "SELECT count(*) FROM schedules WHERE status='deactivated'",
         ),
         ("catena_parked_messages", "SELECT 0::bigint"),
+        (
+            "catena_fleets{onboarding_status=\"connected\"}",
+            "SELECT count(*) FROM fleets WHERE onboarding_status='connected'",
+        ),
+        (
+            "catena_fleets{onboarding_status=\"declined\"}",
+            "SELECT count(*) FROM fleets WHERE onboarding_status='declined'",
+        ),
+        (
+            "catena_invitations{status=\"accepted\"}",
+            "SELECT count(*) FROM invitations WHERE status='accepted'",
+        ),
+        (
+            "catena_invitations_stuck",
+            "SELECT count(*) FROM invitations WHERE status='viewed' AND status_at < now() - interval '1 day'",
+        ),
+        (
+            "catena_fleets_without_active_connection",
+            "SELECT count(*) FROM fleets f WHERE onboarding_status='connected' AND NOT EXISTS (SELECT 1 FROM connections c WHERE c.fleet_id = f.fleet_id AND c.status='active')",
+        ),
     ];
     for (series, sql) in checks {
         let want = p.count(sql).await as f64;
         assert_eq!(metric_value(&metrics, series), Some(want), "{series}");
     }
     assert!(metric_value(&metrics, "catena_connections{status=\"active\"}").unwrap() > 0.0);
+    assert!(
+        metric_value(&metrics, "catena_fleets{onboarding_status=\"connected\"}").unwrap() > 0.0,
+        "the onboarding counts were refreshed"
+    );
     let raised: f64 = ["connection_stale", "schedule_deactivated"]
         .iter()
         .map(|k| {
