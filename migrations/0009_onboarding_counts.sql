@@ -16,3 +16,9 @@ CREATE TABLE onboarding_counts_refreshed (
     singleton    boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     refreshed_at timestamptz NOT NULL
 );
+
+-- Whether a fleet's time from invitation to connected was measured (catena_onboarding_duration_
+-- seconds is fed once, when a fleet reaches connected). Fleets connected before this migration
+-- count as measured, so an upgrade does not observe them all at once.
+ALTER TABLE fleets ADD COLUMN onboarding_measured boolean NOT NULL DEFAULT true;
+ALTER TABLE fleets ALTER COLUMN onboarding_measured SET DEFAULT false;

@@ -144,7 +144,7 @@ import json, re, sys, yaml
 HISTOGRAMS = {
     "catena_relay_request_duration_seconds", "catena_relay_publish_confirm_seconds",
     "catena_worker_batch_seconds", "catena_worker_batch_size", "catena_worker_event_lag_seconds",
-    "catena_retention_sweep_seconds",
+    "catena_retention_sweep_seconds", "catena_onboarding_duration_seconds",
 }
 PLAIN = {
     "catena_relay_requests_total", "catena_relay_broker_ready", "catena_relay_inflight_requests",
@@ -153,6 +153,7 @@ PLAIN = {
     "catena_alerts_open", "catena_connections", "catena_schedules", "catena_parked_messages",
     "catena_outbox_pending", "catena_alerts_raised_total", "catena_alert_notifications_total",
     "catena_fleets", "catena_invitations", "catena_invitations_stuck", "catena_fleets_without_active_connection",
+    "catena_onboarding_unmeasured_total",
     "catena_retention_pruned_rows_total", "catena_retention_sweeps_total",
     "catena_retention_last_success_timestamp_seconds",
     # control plane: the reconciler (`catena-ingest reconcile`) ...

@@ -21,6 +21,21 @@ const LAG_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// An hour to 90 days: invitations are answered in hours to weeks.
+const ONBOARDING_BUCKETS: [f64; 11] = [
+    3600.0,
+    21_600.0,
+    43_200.0,
+    86_400.0,
+    172_800.0,
+    259_200.0,
+    604_800.0,
+    1_209_600.0,
+    2_592_000.0,
+    5_184_000.0,
+    7_776_000.0,
+];
+
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
     registry
         .register(Box::new(metric.clone()))
@@ -191,6 +206,8 @@ pub struct WorkerMetrics {
     pub schedules: IntGaugeVec,
     pub fleets: IntGaugeVec,
     pub invitations: IntGaugeVec,
+    pub onboarding_duration: Histogram,
+    pub onboarding_unmeasured: prometheus::IntCounter,
     pub invitations_stuck: IntGauge,
     pub fleets_without_active_connection: IntGauge,
     pub parked_messages: IntGauge,
@@ -353,6 +370,25 @@ impl WorkerMetrics {
                         "Invitations by status (from PostgreSQL, refreshed once a minute; aggregate with max)",
                     ),
                     &["status"],
+                )
+                .unwrap(),
+            ),
+            onboarding_duration: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "catena_onboarding_duration_seconds",
+                        "Time from invitation to connected (event times), observed once per fleet when it reaches connected",
+                    )
+                    .buckets(ONBOARDING_BUCKETS.to_vec()),
+                )
+                .unwrap(),
+            ),
+            onboarding_unmeasured: register(
+                registry,
+                prometheus::IntCounter::new(
+                    "catena_onboarding_unmeasured_total",
+                    "Fleets that reached connected before their invitation was known (not in the duration histogram)",
                 )
                 .unwrap(),
             ),

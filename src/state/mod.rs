@@ -37,6 +37,7 @@ use locks::entity_locks;
 use plan::{Op, Plan, p};
 use sql::{
     ALERT_ROWS, ALERT_TIMELINES, ALERTS_REFRESH, DEDUP_INSERT, ENTITY_LOCKS, IGNORED_EVENTS,
+    ONBOARDING_MEASURED,
 };
 
 /// In debug builds, an event with this name panics the handler (see [`apply_batch`]).
@@ -73,6 +74,9 @@ pub struct BatchResult {
     pub applied: Vec<Applied>,
     /// Kinds of alerts opened in this batch (for `catena_alerts_raised_total`).
     pub alerts_opened: Vec<AlertKind>,
+    /// Fleets that reached `connected` in this batch: seconds from their invitation (event
+    /// times), `None` when the invitation is not known yet.
+    pub onboarded: Vec<Option<f64>>,
 }
 
 /// Apply a batch inside `tx` (the caller commits). Duplicates, both against earlier batches and
@@ -91,6 +95,7 @@ pub async fn apply_batch(
     let mut result = BatchResult {
         applied: vec![Applied::Duplicate; batch.len()],
         alerts_opened: Vec::new(),
+        onboarded: Vec::new(),
     };
     // First occurrence of each key inside the batch; later ones are duplicates.
     let mut first: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
@@ -206,7 +211,11 @@ pub async fn apply_batch(
     } else {
         ops.push(refresh(Vec::new()));
     }
+    let measured = ops.iter().position(|op| op.sql == ONBOARDING_MEASURED);
     let mut rows = run(tx, &ops).await?;
+    if let Some(index) = measured {
+        result.onboarded = rows[index].iter().map(|row| row.get(0)).collect();
+    }
     if reconciling {
         let existing = rows.pop().expect("the alert rows query ran");
         let timelines = rows.pop().expect("the timelines query ran");

@@ -523,6 +523,17 @@ impl Plan {
                 ],
             );
         }
+        let mut connected: Vec<Uuid> = self
+            .stages
+            .iter()
+            .filter(|r| r.stage == Onboarding::Connected)
+            .map(|r| r.fleet_id)
+            .collect();
+        if !connected.is_empty() {
+            connected.sort_unstable();
+            connected.dedup();
+            push(ONBOARDING_MEASURED, vec![p(connected)]);
+        }
         for round in rounds(&self.connections, |r| r.id) {
             push(
                 CONNECTIONS,

@@ -331,3 +331,18 @@ WITH incoming AS (
     RETURNING s.webhook_id
 )
 SELECT pg_notify('catena_control', webhook_id) FROM updated";
+
+/// The fleets of this batch that reached `connected` and were not measured yet: marked, and
+/// their time from invitation (its `created_at`; NULL when the invitation is not known yet) to
+/// connected (event times), for `catena_onboarding_duration_seconds`.
+pub(super) const ONBOARDING_MEASURED: &str = "
+WITH reached AS (
+    SELECT f.fleet_id,
+           EXTRACT(EPOCH FROM f.onboarding_at - (SELECT min(i.created_at) FROM invitations i
+                WHERE i.invitation_id = f.invitation_id OR i.fleet_id = f.fleet_id))::float8 AS seconds
+    FROM fleets f
+    WHERE f.fleet_id = ANY($1::uuid[]) AND f.onboarding_status = 'connected' AND NOT f.onboarding_measured
+)
+UPDATE fleets f SET onboarding_measured = true FROM reached r
+WHERE f.fleet_id = r.fleet_id
+RETURNING r.seconds";

@@ -268,6 +268,12 @@ fn record_success(
     for kind in &result.alerts_opened {
         ctx.metrics.count_alert_raised(*kind);
     }
+    for seconds in &result.onboarded {
+        match seconds {
+            Some(seconds) => ctx.metrics.onboarding_duration.observe(seconds.max(0.0)),
+            None => ctx.metrics.onboarding_unmeasured.inc(),
+        }
+    }
 }
 
 const TRANSIENT_BATCH_RETRIES: u32 = 2;

@@ -289,6 +289,16 @@ async fn gauges_match_the_tables_after_a_scenario() {
         metric_value(&metrics, "catena_fleets{onboarding_status=\"connected\"}").unwrap() > 0.0,
         "the onboarding counts were refreshed"
     );
+    // Every fleet that reached connected was measured once (or, connected before its invitation
+    // was known, counted as unmeasured).
+    let connected = p
+        .count("SELECT count(*) FROM fleets WHERE onboarding_status = 'connected'")
+        .await as f64;
+    let measured = metric_value(&metrics, "catena_onboarding_duration_seconds_count").unwrap();
+    let unmeasured = metric_value(&metrics, "catena_onboarding_unmeasured_total").unwrap();
+    assert_eq!(measured + unmeasured, connected);
+    assert!(measured > 0.0);
+    assert!(metric_value(&metrics, "catena_onboarding_duration_seconds_sum").unwrap() > 0.0);
     let raised: f64 = ["connection_stale", "schedule_deactivated"]
         .iter()
         .map(|k| {
