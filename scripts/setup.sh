@@ -6,20 +6,7 @@ set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-  echo "starting PostgreSQL"
-  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
-  for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
-fi
-pg_isready -h 127.0.0.1 -p 5432
-
-if ! rabbitmqctl -q status >/dev/null 2>&1; then
-  echo "starting RabbitMQ"
-  as_root rabbitmq-server -detached
-  sleep 2
-fi
-rabbitmqctl -q await_startup --timeout 120
-echo "RabbitMQ up: $(rabbitmqctl -q version 2>/dev/null || echo '?')"
+"$(dirname "${BASH_SOURCE[0]}")/services.sh"
 
 if ! command -v prometheus-alertmanager >/dev/null 2>&1; then
   echo "installing prometheus-alertmanager (tests start their own instances)"

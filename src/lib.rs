@@ -46,6 +46,7 @@ pub mod control;
 pub mod envelope;
 pub mod fake_catena;
 pub mod loadgen;
+pub mod local;
 pub mod message;
 pub mod metrics;
 pub mod ops;

@@ -68,6 +68,19 @@ fn dev_secrets(configured: SecretStore) -> std::io::Result<(SecretStore, Option<
 impl Dev {
     /// Run relay and worker until Ctrl-C or SIGTERM.
     pub async fn run(self) -> anyhow::Result<()> {
+        // Before anything is printed: start the local services if they are installed and down,
+        // or say in one line what to install.
+        let services: Vec<String> = [
+            catena_ingest::local::local_address(&self.database.database_url, 5432),
+            catena_ingest::local::local_address(&self.broker.amqp_url, 5672),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if let Err(line) = catena_ingest::local::ensure_services(&services) {
+            eprintln!("{line}");
+            std::process::exit(1);
+        }
         // The file, when there is one, is the relay's to read (and re-read).
         let configured = match self.secrets.webhook_secrets_file.is_some() || self.fake_catena {
             true => self

@@ -157,3 +157,49 @@ async fn relay_sigkilled_with_requests_in_flight() {
     assert!(relay.terminate().await.success());
     p.stop().await;
 }
+
+/// The front door: with PostgreSQL stopped and the RabbitMQ node down, what `dev` and the test
+/// harness run first (`catena_ingest::local::ensure_services`, i.e. `scripts/services.sh`)
+/// starts both again.
+#[tokio::test]
+#[ignore = "stops the shared PostgreSQL and RabbitMQ; run alone with --ignored --test-threads 1"]
+async fn stopped_services_are_started_by_the_front_door() {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .max()
+        .unwrap();
+    blocking(
+        "pg_ctlcluster",
+        vec![
+            "--skip-systemctl-redirect".into(),
+            version,
+            "main".into(),
+            "stop".into(),
+        ],
+    )
+    .await;
+    blocking("rabbitmqctl", vec!["stop".into()]).await;
+    let addresses = [POSTGRES_ADDR.to_owned(), BROKER_ADDR.to_owned()];
+    let started = std::time::Instant::now();
+    let result =
+        tokio::task::spawn_blocking(move || catena_ingest::local::ensure_services(&addresses))
+            .await
+            .unwrap();
+    assert_eq!(result, Ok(()), "both answer again");
+    println!(
+        "services started in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let p = TestPipeline::builder("frontdoor")
+        .relay()
+        .worker()
+        .start()
+        .await;
+    assert_eq!(
+        p.send(&fixture("events/01-invitation.created.json")).await,
+        202
+    );
+    assert_eq!(p.wait_for_applied(1, Duration::from_secs(30)).await, 1);
+    p.stop().await;
+}

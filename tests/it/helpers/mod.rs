@@ -45,7 +45,16 @@ pub fn secrets() -> String {
     format!("{WEBHOOK_ID}={SECRET}")
 }
 
-pub fn init_tracing() {
+/// Also makes sure the shared PostgreSQL and RabbitMQ answer, starting them once per run if they
+/// are installed but down (`scripts/services.sh`), so `cargo test` works as the first command.
+pub fn init_harness() {
+    static SERVICES: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let services = SERVICES.get_or_init(|| {
+        catena_ingest::local::ensure_services(&[POSTGRES_ADDR.to_owned(), BROKER_ADDR.to_owned()])
+    });
+    if let Err(line) = services {
+        panic!("{line}");
+    }
     catena_ingest::telemetry::init_for_tests();
 }
 

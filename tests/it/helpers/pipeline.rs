@@ -30,7 +30,7 @@ use super::http::{self, Post};
 use super::load::{self, Delivery, Event, SendReport};
 use super::processes::Process;
 use super::proxy::TcpProxy;
-use super::{AMQP_URL, BROKER_ADDR, POSTGRES_ADDR, init_tracing, secrets, unique};
+use super::{AMQP_URL, BROKER_ADDR, POSTGRES_ADDR, init_harness, secrets, unique};
 
 /// The binary's broker defaults, with this test's broker and name prefix.
 fn broker_settings(names: &Names, amqp_url: &str) -> BrokerSettings {
@@ -174,7 +174,7 @@ impl<'a> Builder<'a> {
     }
 
     pub async fn start(self) -> TestPipeline {
-        init_tracing();
+        init_harness();
         let names = Names::new(&self.name);
         // Owned from here on: whatever panics below, what exists so far is cleaned up.
         let topology = TestTopology {
