@@ -78,7 +78,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[derive(Args, Clone, Debug)]
 pub struct BrokerSettings {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://); the nodes of a cluster comma separated, tried in
+    /// turn (README, "Beyond one machine").
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
 

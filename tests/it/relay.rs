@@ -647,3 +647,24 @@ async fn the_secrets_file_is_reloaded_while_running() {
     p.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `AMQP_URL` with several nodes, the first of them dead: the relay (and the worker) connect to a
+/// live one, and a webhook goes through.
+#[tokio::test]
+async fn several_broker_urls_reach_a_live_node() {
+    let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f,{AMQP_URL}");
+    let (relay_nodes, worker_nodes) = (nodes.clone(), nodes);
+    let p = TestPipeline::builder("relay_nodes")
+        .relay_config(move |config| config.broker.amqp_url = relay_nodes)
+        .worker_config(move |config| config.broker.amqp_url = worker_nodes)
+        .start()
+        .await;
+    for _ in 0..3 {
+        assert_eq!(
+            p.send(&fixture("events/09-connection.staled.json")).await,
+            202
+        );
+    }
+    assert_eq!(p.wait_for_applied(1, Duration::from_secs(20)).await, 1);
+    p.stop().await;
+}
