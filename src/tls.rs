@@ -165,6 +165,21 @@ fn read_named(path: &str, what: &str) -> std::io::Result<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn several_hosts_and_target_session_attrs_pass_through() {
+        let target = postgres_target(
+            "postgres://app@db1:5432,db2:5433/catena?target_session_attrs=read-write&sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(target.config.get_hosts().len(), 2);
+        assert_eq!(target.config.get_ports(), [5432, 5433]);
+        assert_eq!(
+            target.config.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+    }
+
     use super::*;
 
     fn mode(url: &str) -> SslMode {
