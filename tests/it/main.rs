@@ -26,6 +26,7 @@ mod relay_memory;
 mod restarts;
 mod retention;
 mod signature_vectors;
+mod sre;
 mod state;
 mod tls;
 mod worker;

@@ -21,6 +21,7 @@ pub mod load;
 pub mod pipeline;
 pub mod poll;
 pub mod processes;
+pub mod prometheus;
 pub mod proxy;
 
 use std::future::Future;
