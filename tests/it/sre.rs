@@ -31,9 +31,13 @@
 //!   ones; resolved the same way (dilution: the `rate > 0.1` half holds for 5 minutes, the
 //!   ratio half drops below 5%).
 //!
+//! - `CatenaConsumerLag`: events published straight into the events queue with a relay
+//!   receive time two minutes old (messages that waited in the queue: a real minute of delay
+//!   would cost the test a minute), more than 1% of the window's applied events; resolved by
+//!   fresh traffic taking the p99 back under 60 s (its `[5m]` window would otherwise hold them
+//!   for five minutes).
+//!
 //! Not provokable here:
-//! - `CatenaConsumerLag`: needs a p99 lag above 60 s, i.e. at least a minute of real delay, and
-//!   then 5 minutes (its `[5m]` window) or a hundredfold dilution to resolve.
 //! - `CatenaOutboxBacklog`: more than 100 undelivered notifications with a sink configured but
 //!   failing; possible, but the notifier is not under test here (`tests/it/alerts.rs`).
 //! - `CatenaNotificationFailures`: likewise (a failing alert sink).
@@ -55,6 +59,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::helpers::alerting::Alertmanager;
+use crate::helpers::broker::publish_received_at;
 use crate::helpers::control::IdleReconciler;
 use crate::helpers::prometheus::{Job, Prometheus, rules_with_for};
 use crate::helpers::proxy::TcpProxy;
@@ -162,6 +167,7 @@ impl Stack {
             runbook.ends_with(&format!("RUNBOOK.md#{}", name.to_lowercase())),
             "{name} links its runbook section: {runbook}"
         );
+        self.seen_pending.lock().unwrap().remove(name);
         println!(
             "[{:6.1}s] {name}: pending after {pending_after:.1}s, firing after {firing_after:.1}s, \
              in Alertmanager after {:.1}s (severity {severity})",
@@ -359,6 +365,23 @@ async fn wait_targets_up(s: &Stack) {
         healthy.len() == 4 && healthy.iter().all(|(_, health, _)| health == "up"),
         "every target up: {healthy:#?}"
     );
+    let up = eventually(
+        Duration::from_secs(10),
+        || s.prom.query("up == 1"),
+        |up| up.len() == 4,
+    )
+    .await;
+    let mut jobs: Vec<_> = up
+        .iter()
+        .filter(|sample| sample.value == 1.0)
+        .map(|sample| sample.metric["job"].as_str().unwrap().to_owned())
+        .collect();
+    jobs.sort();
+    assert_eq!(
+        jobs,
+        ["catena-reconciler", "catena-relay", "catena-worker", "rabbitmq"],
+        "up, with the shipped job names"
+    );
 }
 
 /// Every dashboard query that errors or returns no series, as `title: expr: why`.
@@ -514,6 +537,39 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
         );
     };
     tokio::join!(worker, relay);
+
+    // 4. Consumer lag: events that waited two minutes in the queue (published with the
+    // receive time the relay would have stamped then), more than 1% of what was applied in the
+    // window; then fresh traffic brings the p99 back down.
+    let lag = s.rule("catena_worker_event_lag_seconds_bucket");
+    let want = s.p.applied().await / 60 + 2;
+    let late: Vec<_> = scenario(want / 4 + 1, 7001)
+        .iter()
+        .take(want)
+        .map(|e| (e.event_name.clone(), e.body(1)))
+        .collect();
+    publish_received_at(
+        &s.p.names,
+        &late,
+        chrono::Utc::now() - chrono::Duration::minutes(2),
+    )
+    .await;
+    s.fires(&lag).await;
+    let mut fresh = 0;
+    tokio::select! {
+        _ = s.resolves(&lag) => {}
+        _ = async {
+            for seed in 7002.. {
+                let events = scenario(20, seed);
+                fresh += s.p.send_deliveries(&events, &in_order(&events), 32).await.accepted;
+            }
+        } => {}
+    }
+    println!(
+        "[{:6.1}s] lag: {} late events, {fresh} fresh ones to bring the p99 down",
+        s.elapsed(),
+        late.len()
+    );
 
     assert!(
         panel_problems.is_empty(),

@@ -209,7 +209,7 @@ impl ControlPlane {
 /// deployment runs beside relay and worker, for tests that only need it up and exporting
 /// (`tests/it/sre.rs`). Stopped when `shutdown` is triggered.
 pub struct IdleReconciler {
-    pub fake: RunningFake,
+    pub _fake: RunningFake,
     pub reconciler: RunningReconciler,
     pub shutdown: Shutdown,
 }
@@ -244,7 +244,7 @@ impl IdleReconciler {
             .await
             .unwrap();
         Self {
-            fake,
+            _fake: fake,
             reconciler,
             shutdown,
         }
