@@ -151,9 +151,15 @@ impl Stack {
             severity == "page" || severity == "warning",
             "{name} has a documented severity"
         );
-        for (what, labels) in [("Prometheus", &firing["labels"]), ("Alertmanager", &in_am["labels"])] {
+        for (what, labels) in [
+            ("Prometheus", &firing["labels"]),
+            ("Alertmanager", &in_am["labels"]),
+        ] {
             assert_eq!(&labels["severity"], severity, "{name} severity in {what}");
-            assert_eq!(labels["service"], "catena-ingest", "{name} service in {what}");
+            assert_eq!(
+                labels["service"], "catena-ingest",
+                "{name} service in {what}"
+            );
         }
         for key in ["summary", "description"] {
             let text = in_am["annotations"][key].as_str().unwrap_or("");
@@ -281,7 +287,10 @@ fn dashboard_queries() -> Vec<(String, String)> {
                         .replace("${__interval}", "5s")
                         .replace("$__range", "5m")
                         .replace("${__range}", "5m");
-                    assert!(!expr.contains('$'), "unsubstituted variable in {title}: {expr}");
+                    assert!(
+                        !expr.contains('$'),
+                        "unsubstituted variable in {title}: {expr}"
+                    );
                     out.push((title.clone(), expr));
                 }
             }
@@ -331,7 +340,10 @@ async fn start_stack() -> Stack {
     ];
     let prom = Prometheus::start(free_port(), &jobs, &rules_with_for("2s"), &am.url).await;
     let rules = prom.alerting_rules().await;
-    assert!(rules.len() >= 20, "the shipped rules are loaded: {rules:#?}");
+    assert!(
+        rules.len() >= 20,
+        "the shipped rules are loaded: {rules:#?}"
+    );
     for rule in &rules {
         assert_eq!(rule["duration"], 2, "for: 2s in {}", rule["name"]);
     }
@@ -379,7 +391,12 @@ async fn wait_targets_up(s: &Stack) {
     jobs.sort();
     assert_eq!(
         jobs,
-        ["catena-reconciler", "catena-relay", "catena-worker", "rabbitmq"],
+        [
+            "catena-reconciler",
+            "catena-relay",
+            "catena-worker",
+            "rabbitmq"
+        ],
         "up, with the shipped job names"
     );
 }
@@ -390,12 +407,22 @@ async fn panels_without_data(s: &Stack) -> Vec<String> {
     let queries = dashboard_queries();
     for (title, expr) in &queries {
         let allowed = PANELS_WITHOUT_DATA.iter().find(|(t, _)| t == title);
-        match (s.prom.try_query(expr).await, allowed) {
+        // A series that appeared with the traffic needs a second scrape before `rate` sees it.
+        let result = eventually(
+            Duration::from_secs(10),
+            || s.prom.try_query(expr),
+            |r| r.as_ref().map_or(true, |samples| !samples.is_empty()),
+        )
+        .await;
+        match (result, allowed) {
             (Ok(samples), None) if !samples.is_empty() => {
                 println!("  panel {title:?}: {} series ({expr})", samples.len());
             }
             (Ok(_), Some((_, why))) => println!("  panel {title:?}: allowed without data: {why}"),
-            (Ok(_), None) => problems.push(format!("{title}: no series: {expr}")),
+            (Ok(_), None) => problems.push(format!(
+                "{title}: no series within 10 s: {expr} (targets: {:?})",
+                s.prom.targets().await
+            )),
             (Err(e), _) => problems.push(format!("{title}: error {e}: {expr}")),
         }
     }
@@ -429,7 +456,9 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
     let deactivated = s.rule(r#"catena_alerts_open{kind="schedule_deactivated"}"#);
     for name in [&stale, &deactivated] {
         assert!(
-            s.prom.wait_for_inactive(name, Duration::from_secs(30)).await,
+            s.prom
+                .wait_for_inactive(name, Duration::from_secs(30))
+                .await,
             "{name} quiet after the baseline's alerts were resolved"
         );
     }
@@ -489,7 +518,8 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
     s.p.db_proxy().cut();
     // A batch notices the database is gone.
     assert_eq!(
-        s.p.send(&fixture("events/05-connection.created.json")).await,
+        s.p.send(&fixture("events/05-connection.created.json"))
+            .await,
         202
     );
     let worker = async {
@@ -512,7 +542,9 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
             .await;
         s.fires(&signature).await;
         s.p.broker_proxy().cut();
-        let refused = s.send_until_pending(&unavailable, || Post::new(&body)).await;
+        let refused = s
+            .send_until_pending(&unavailable, || Post::new(&body))
+            .await;
         tokio::join!(s.fires(&unavailable), s.fires(&relay_not_ready));
         s.p.broker_proxy().restore();
         s.resolves(&relay_not_ready).await;

@@ -176,8 +176,13 @@ pub async fn publish_received_at(
     received_at: chrono::DateTime<chrono::Utc>,
 ) {
     let shutdown = catena_ingest::shutdown::Shutdown::new();
-    let publisher =
-        broker::Publisher::start(AMQP_URL, "test late publisher", names.clone(), 1, shutdown.clone());
+    let publisher = broker::Publisher::start(
+        AMQP_URL,
+        "test late publisher",
+        names.clone(),
+        1,
+        shutdown.clone(),
+    );
     assert!(publisher.wait_ready(Duration::from_secs(10)).await);
     for (event_name, body) in events {
         let request_id = uuid::Uuid::new_v4().to_string();
@@ -188,7 +193,13 @@ pub async fn publish_received_at(
         };
         let properties = message::event_properties(&catena, received_at, message::Producer::Relay);
         publisher
-            .publish("", &names.events_queue, body, properties, Duration::from_secs(5))
+            .publish(
+                "",
+                &names.events_queue,
+                body,
+                properties,
+                Duration::from_secs(5),
+            )
             .await
             .unwrap();
     }

@@ -78,7 +78,9 @@ impl TestDb {
             fleet_ref: None,
             limit: 1000,
         };
-        let open = catena_ingest::ops::alerts::list(&client, &filter).await.unwrap();
+        let open = catena_ingest::ops::alerts::list(&client, &filter)
+            .await
+            .unwrap();
         for alert in &open {
             catena_ingest::ops::alerts::resolve(&client, alert.alert_id, "resolved by the test")
                 .await

@@ -237,7 +237,10 @@ impl Prometheus {
     /// The alerting rules Prometheus loaded (`/api/v1/rules`): name, query, labels,
     /// annotations, `for` (`duration`, seconds).
     pub async fn alerting_rules(&self) -> Vec<serde_json::Value> {
-        let data = self.api("/api/v1/rules", &[("type", "alert")]).await.unwrap();
+        let data = self
+            .api("/api/v1/rules", &[("type", "alert")])
+            .await
+            .unwrap();
         data["groups"]
             .as_array()
             .unwrap()
