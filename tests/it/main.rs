@@ -7,7 +7,7 @@
 //! cargo test --test it                                          # every test but the restart group
 //! cargo test --test it relay::                                  # one module (relay, worker, faults,
 //!                                                               #  alerts, operate, retention, state,
-//!                                                               #  fuzz, tls, signature_vectors)
+//!                                                               #  fuzz, tls, signature_vectors, sre)
 //! cargo test --test it -- --ignored --test-threads 1 restarts::  # the restart group, alone
 //! ```
 //!

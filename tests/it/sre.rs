@@ -30,21 +30,27 @@
 //! - `CatenaSignatureFailures`: a stream of deliveries signed with a wrong secret beside the good
 //!   ones; resolved the same way (dilution: the `rate > 0.1` half holds for 5 minutes, the
 //!   ratio half drops below 5%).
-//!
+//! - `CatenaQueueBacklog`: the database cut while 12 500 messages go straight into the events
+//!   queue (more than 10 000 stay ready beside two consumers' prefetch); resolved by restoring the
+//!   database (the worker drains them as duplicates).
 //! - `CatenaConsumerLag`: events published straight into the events queue with a relay
 //!   receive time two minutes old (messages that waited in the queue: a real minute of delay
 //!   would cost the test a minute), more than 1% of the window's applied events; resolved by
 //!   fresh traffic taking the p99 back under 60 s (its `[5m]` window would otherwise hold them
 //!   for five minutes).
 //!
-//! Not provokable here:
-//! - `CatenaOutboxBacklog`: more than 100 undelivered notifications with a sink configured but
-//!   failing; possible, but the notifier is not under test here (`tests/it/alerts.rs`).
-//! - `CatenaNotificationFailures`: likewise (a failing alert sink).
-//! - `CatenaQueueBacklog`: 10000 ready messages in the events queue.
+//! Not provoked here, and why:
+//! - `CatenaNotificationFailures`: a failing alert sink would fire it, but its
+//!   `rate(..[10m]) > 0` holds every failure for ten minutes after the sink is back, and nothing
+//!   dilutes a `> 0`: it cannot resolve within the test. Not provoked.
+//! - `CatenaOutboxBacklog`: more than 100 notifications undelivered (a failing sink and over 100
+//!   alerts opened); it would resolve once the sink is back. Provokable, not provoked yet: the
+//!   failing sink would also fire `CatenaNotificationFailures` for the rest of the run.
 //! - `CatenaNoConsumers`' `rabbitmq_queue_consumers == 0` branch: the harness cannot stop only the
 //!   in-process worker's consumers.
-//! - `CatenaDbPoolSaturated`: 90% of the pool held, with the rule's `for` as shipped 15 m.
+//! - `CatenaDbPoolSaturated`: tried with a black-holed database and a pool of 3: it fired in one
+//!   run of two, as hung connections go back to the pool at the batch deadline. Not
+//!   deterministic, so not provoked.
 //! - `CatenaRetentionStalled`: `[2h]` of failed sweeps, or 6 h without a success.
 //! - `CatenaWebhookStale`, `CatenaWebhookDlqBacklog`, `CatenaWebhookSecretMismatch`: need the
 //!   reconciler managing subscriptions through an outage (`tests/it/control_plane.rs` drives
@@ -511,6 +517,7 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
     // 2. The worker (its database, then its scrapes) beside 3. the relay (forged signatures,
     // then its broker).
     let worker_not_ready = s.rule("catena_worker_ready");
+    let backlog = s.rule("rabbitmq_queue_messages_ready");
     let no_consumers = s.rule(r#"up{job="catena-worker"} == 1"#);
     let signature = s.rule(r#"outcome="invalid_signature""#);
     let unavailable = s.rule(r#"outcome="unavailable""#);
@@ -531,6 +538,28 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
         tokio::join!(s.fires(&worker_not_ready), s.fires(&no_consumers));
         s.worker_scrape.restore();
         tokio::join!(s.resolves(&worker_not_ready), s.resolves(&no_consumers));
+        // A backlog: the database cut while 10 000 and a prefetch's worth of messages arrive
+        // (one event again and again: once the database is back they go as duplicates).
+        s.p.db_proxy().cut();
+        let t = Instant::now();
+        let copies = vec![
+            (
+                "connection.created".to_owned(),
+                fixture("events/05-connection.created.json"),
+            );
+            10_000 + 2 * 1000 + 500 // two consumers' default prefetch (1000) may be unacked
+        ];
+        publish_received_at(&s.p.names, &copies, chrono::Utc::now()).await;
+        println!(
+            "[{:6.1}s] {} messages published in {:.1}s",
+            s.elapsed(),
+            copies.len(),
+            t.elapsed().as_secs_f64()
+        );
+        s.fires(&backlog).await;
+        s.p.db_proxy().restore();
+        s.resolves(&backlog).await;
+        s.resolves(&worker_not_ready).await;
     };
     let relay = async {
         let body = fixture("events/05-connection.created.json");

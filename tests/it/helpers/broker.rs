@@ -169,7 +169,7 @@ pub async fn park_directly(
 }
 
 /// Put each `(event_name, body)` straight into `names`' events queue as the relay would have,
-/// received at `received_at`: messages that waited in the queue since then.
+/// received at `received_at` (messages that waited in the queue since then), 64 at a time.
 pub async fn publish_received_at(
     names: &Names,
     events: &[(String, Vec<u8>)],
@@ -184,24 +184,31 @@ pub async fn publish_received_at(
         shutdown.clone(),
     );
     assert!(publisher.wait_ready(Duration::from_secs(10)).await);
-    for (event_name, body) in events {
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let catena = message::CatenaHeaders {
-            event_type: Some(event_name),
-            request_id: Some(&request_id),
-            ..Default::default()
-        };
-        let properties = message::event_properties(&catena, received_at, message::Producer::Relay);
-        publisher
-            .publish(
-                "",
-                &names.events_queue,
-                body,
-                properties,
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-    }
+    use futures::StreamExt;
+    futures::stream::iter(events)
+        .for_each_concurrent(64, |(event_name, body)| {
+            let publisher = &publisher;
+            async move {
+                let request_id = uuid::Uuid::new_v4().to_string();
+                let catena = message::CatenaHeaders {
+                    event_type: Some(event_name),
+                    request_id: Some(&request_id),
+                    ..Default::default()
+                };
+                let properties =
+                    message::event_properties(&catena, received_at, message::Producer::Relay);
+                publisher
+                    .publish(
+                        "",
+                        &names.events_queue,
+                        body,
+                        properties,
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
     shutdown.trigger();
 }
