@@ -38,6 +38,12 @@
 //!   would cost the test a minute), more than 1% of the window's applied events; resolved by
 //!   fresh traffic taking the p99 back under 60 s (its `[5m]` window would otherwise hold them
 //!   for five minutes).
+//! - `CatenaRelayNoSecrets`: the relay's secrets file (it reads one, re-read every 100 ms)
+//!   emptied; resolved by writing it back.
+//!
+//! Provoked (pending, firing, in Alertmanager), resolution not waited for:
+//! - `CatenaRelaySecretsReloadFailing`: the secrets file made unparseable. Its
+//!   `increase(..[10m]) > 0` holds the failed reloads for ten minutes after the file is fixed.
 //!
 //! Not provoked here, and why:
 //! - `CatenaNotificationFailures`: a failing alert sink would fire it, but its
@@ -57,8 +63,6 @@
 //!   that); the reconciler here has none.
 //! - `CatenaControlPlaneDown`: 10 minutes without a good poll, or a target seen `[1d] offset
 //!   10m` ago that exports nothing.
-//! - `CatenaRelayNoSecrets`, `CatenaRelaySecretsReloadFailing`: the relay here reads its secrets
-//!   from the environment, not a file.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -86,6 +90,9 @@ struct Stack {
     worker_scrape: TcpProxy,
     rules: Vec<serde_json::Value>,
     _reconciler: IdleReconciler,
+    /// The relay's `CATENA_WEBHOOK_SECRETS_FILE`.
+    secrets_file: std::path::PathBuf,
+    _secrets_dir: TempDir,
     started: Instant,
     /// Alerts seen pending (by [`Stack::send_until_pending`] or [`Stack::fires`]).
     seen_pending: Mutex<HashSet<String>>,
@@ -251,6 +258,11 @@ impl Stack {
     }
 }
 
+/// The relay's secrets file: [`SECRET`] for [`WEBHOOK_ID`].
+fn good_secrets_file() -> String {
+    format!("{}\n", secrets())
+}
+
 fn recovery_of(staled: &[u8]) -> Vec<u8> {
     let mut envelope: serde_json::Value = serde_json::from_slice(staled).unwrap();
     envelope["event_name"] = "connection.created".into();
@@ -311,10 +323,19 @@ fn dashboard_queries() -> Vec<(String, String)> {
 async fn start_stack() -> Stack {
     let started = Instant::now();
     let am = Alertmanager::start(free_port()).await;
+    // The relay reads its secrets from a file, as in Kubernetes, re-read every 100 ms.
+    let secrets_dir = TempDir::new("sre_secrets");
+    let secrets_file = secrets_dir.path.join("webhook-secrets");
+    std::fs::write(&secrets_file, good_secrets_file()).unwrap();
+    let file = secrets_file.clone();
     let p = TestPipeline::builder("sre")
         .relay_via_broker_proxy()
         .worker_via_db_proxy()
-        .relay()
+        .relay_config(move |config| {
+            config.secrets = Default::default();
+            config.secrets_file = Some(file);
+            config.relay.secrets_reload = Duration::from_millis(100);
+        })
         .worker_config(|config| {
             config.worker.consumers = 2;
             config.worker.notifier.gauge_interval = Duration::from_millis(200);
@@ -366,6 +387,8 @@ async fn start_stack() -> Stack {
         worker_scrape,
         rules,
         _reconciler: reconciler,
+        secrets_file,
+        _secrets_dir: secrets_dir,
         started,
         seen_pending: Mutex::default(),
     }
@@ -637,6 +660,25 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
         "dashboard panels without data:\n{}",
         panel_problems.join("\n")
     );
+    // 5. The relay's secrets file: emptied (every delivery refused), then back; then broken
+    // (the relay keeps the set it has, and counts the failed reload).
+    let no_secrets = s.rule("catena_relay_secrets_entries");
+    let reload_failing = s.rule("catena_relay_secrets_reloads_total");
+    std::fs::write(&s.secrets_file, "").unwrap();
+    s.fires(&no_secrets).await;
+    std::fs::write(&s.secrets_file, good_secrets_file()).unwrap();
+    s.resolves(&no_secrets).await;
+    std::fs::write(&s.secrets_file, "this is not a secrets file\n").unwrap();
+    s.fires(&reload_failing).await;
+    std::fs::write(&s.secrets_file, good_secrets_file()).unwrap();
+    assert_eq!(
+        s.p.send(&fixture("events/05-connection.created.json"))
+            .await,
+        202,
+        "the relay verifies with the secrets file again"
+    );
+    // Its `increase(..[10m]) > 0` holds the failed reloads for ten minutes: not waited for.
+
     println!("[{:6.1}s] done", s.elapsed());
     s.p.stop().await;
 }
