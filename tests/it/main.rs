@@ -7,7 +7,7 @@
 //! cargo test --test it                                          # every test but the restart group
 //! cargo test --test it relay::                                  # one module (relay, worker, faults,
 //!                                                               #  alerts, operate, retention, state,
-//!                                                               #  fuzz, tls, signature_vectors)
+//!                                                               #  fuzz, tls, signature_vectors, sre)
 //! cargo test --test it -- --ignored --test-threads 1 restarts::  # the restart group, alone
 //! ```
 //!
@@ -26,6 +26,7 @@ mod relay_memory;
 mod restarts;
 mod retention;
 mod signature_vectors;
+mod sre;
 mod state;
 mod tls;
 mod worker;

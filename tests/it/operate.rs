@@ -225,7 +225,7 @@ async fn dashboard_and_rules_query_only_exported_metrics() {
 
     // The reconciler's registry, as `reconcile` builds it (its API counter gets its label sets
     // from the client).
-    let control = prometheus::Registry::new();
+    let control = ::prometheus::Registry::new();
     let control_metrics = catena_ingest::metrics::ControlMetrics::new(&control);
     let _client = catena_ingest::catena::CatenaClient::new(
         Default::default(),

@@ -167,3 +167,48 @@ pub async fn park_directly(
         .await
         .unwrap();
 }
+
+/// Put each `(event_name, body)` straight into `names`' events queue as the relay would have,
+/// received at `received_at` (messages that waited in the queue since then), 64 at a time.
+pub async fn publish_received_at(
+    names: &Names,
+    events: &[(String, Vec<u8>)],
+    received_at: chrono::DateTime<chrono::Utc>,
+) {
+    let shutdown = catena_ingest::shutdown::Shutdown::new();
+    let publisher = broker::Publisher::start(
+        AMQP_URL,
+        "test late publisher",
+        names.clone(),
+        1,
+        shutdown.clone(),
+    );
+    assert!(publisher.wait_ready(Duration::from_secs(10)).await);
+    use futures::StreamExt;
+    futures::stream::iter(events)
+        .for_each_concurrent(64, |(event_name, body)| {
+            let publisher = &publisher;
+            async move {
+                let request_id = uuid::Uuid::new_v4().to_string();
+                let catena = message::CatenaHeaders {
+                    event_type: Some(event_name),
+                    request_id: Some(&request_id),
+                    ..Default::default()
+                };
+                let properties =
+                    message::event_properties(&catena, received_at, message::Producer::Relay);
+                publisher
+                    .publish(
+                        "",
+                        &names.events_queue,
+                        body,
+                        properties,
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    shutdown.trigger();
+}

@@ -204,3 +204,55 @@ impl ControlPlane {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A reconciler of `pipeline`'s own against a fake-catena with no subscriptions: what a
+/// deployment runs beside relay and worker, for tests that only need it up and exporting
+/// (`tests/it/sre.rs`). Stopped when `shutdown` is triggered.
+pub struct IdleReconciler {
+    pub _fake: RunningFake,
+    pub reconciler: RunningReconciler,
+    pub shutdown: Shutdown,
+}
+
+impl IdleReconciler {
+    pub async fn start(pipeline: &TestPipeline) -> Self {
+        let shutdown = Shutdown::new();
+        let fake = fake_catena::start("127.0.0.1:0", test_fake_config(), shutdown.clone())
+            .await
+            .unwrap();
+        let config = fake.fake.config();
+        let catena = CatenaSettings {
+            api_url: fake.api_url(),
+            auth_url: fake.auth_url(),
+            client_id: config.client_id,
+            client_secret: config.client_secret,
+        };
+        let settings = ReconcileSettings {
+            once: false,
+            interval: Duration::from_secs(1),
+            healthy_for: Duration::from_secs(3),
+            relay_ready_url: pipeline.relay_endpoint("/readyz"),
+            relay_admins: vec![format!("http://{}", pipeline.relay_addr())],
+            replay_settle: Duration::from_secs(5),
+            activate_backoff: Duration::from_secs(2),
+            dlq_alert_after: Duration::from_secs(3600),
+            no_activate: false,
+            no_replay: false,
+            metrics_listen: "127.0.0.1:0".into(),
+        };
+        let reconciler = reconcile::start(catena, &pipeline.db().url, settings, shutdown.clone())
+            .await
+            .unwrap();
+        Self {
+            _fake: fake,
+            reconciler,
+            shutdown,
+        }
+    }
+}
+
+impl Drop for IdleReconciler {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}

@@ -68,6 +68,27 @@ impl TestDb {
         connect(&self.url).await
     }
 
+    /// Resolve every open alert of `kind` by hand, as `catena-ingest alerts resolve` does; how
+    /// many.
+    pub async fn resolve_open_alerts(&self, kind: &str) -> usize {
+        let client = self.client().await;
+        let filter = catena_ingest::ops::alerts::ListFilter {
+            open_only: true,
+            kind: catena_ingest::alerts::AlertKind::parse(kind),
+            fleet_ref: None,
+            limit: 1000,
+        };
+        let open = catena_ingest::ops::alerts::list(&client, &filter)
+            .await
+            .unwrap();
+        for alert in &open {
+            catena_ingest::ops::alerts::resolve(&client, alert.alert_id, "resolved by the test")
+                .await
+                .unwrap();
+        }
+        open.len()
+    }
+
     /// The single `bigint` a `SELECT count(*) ..` returns.
     pub async fn count(&self, sql: &str) -> i64 {
         self.client()

@@ -6,8 +6,8 @@
 //! Files by concept: [`pipeline`] (the `TestPipeline` and its builder), [`db`] (`TestDb`,
 //! snapshots), [`broker`] (queues, `TestTopology`), [`proxy`] (`TcpProxy`), [`http`] (signed
 //! requests, scraping), [`load`] (generated scenarios through the relay), [`processes`] (the
-//! binary as a child), [`alerting`] (Alertmanager, a recording sink) and [`poll`] (the one
-//! poll-until-deadline loop).
+//! binary as a child), [`alerting`] (Alertmanager, a recording sink), [`prometheus`] (a real
+//! Prometheus evaluating the shipped rules) and [`poll`] (the one poll-until-deadline loop).
 //!
 //! The crate's own constructors and modules are reached from these files only (`Names`,
 //! `RelayConfig`, `WorkerConfig`, `db`, `scenario`, `send`), so a rename in `src/` is fixed here.
@@ -21,6 +21,7 @@ pub mod load;
 pub mod pipeline;
 pub mod poll;
 pub mod processes;
+pub mod prometheus;
 pub mod proxy;
 
 use std::future::Future;
