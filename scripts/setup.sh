@@ -21,10 +21,16 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alert
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (tests start their own instances)"
+  before="$(pgrep -x 'prometheus|prometheus-aler.*' 2>/dev/null | sort || true)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
-  # The packages may start system instances on :9090 and :9093; the tests use their own ports.
+  # The packages' postinst may start system instances on :9090 and :9093, where `dev` serves the
+  # worker's metrics: stop exactly the processes the install started (the tests use own ports).
+  after="$(pgrep -x 'prometheus|prometheus-aler.*' 2>/dev/null | sort || true)"
+  for pid in $(comm -13 <(printf '%s\n' "$before") <(printf '%s\n' "$after")); do
+    as_root kill "$pid" 2>/dev/null || true
+  done
 fi
 echo "prometheus-alertmanager: $(prometheus-alertmanager --version 2>&1 | head -n1)"
 echo "prometheus: $(prometheus --version 2>&1 | head -n1)"

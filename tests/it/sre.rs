@@ -181,7 +181,7 @@ impl Stack {
                 "{name} {key} annotation filled in Alertmanager: {text:?}"
             );
         }
-        let runbook = in_am["annotations"]["runbook"].as_str().unwrap_or("");
+        let runbook = in_am["annotations"]["runbook_url"].as_str().unwrap_or("");
         assert!(
             runbook.ends_with(&format!("RUNBOOK.md#{}", name.to_lowercase())),
             "{name} links its runbook section: {runbook}"
@@ -273,7 +273,9 @@ fn recovery_of(staled: &[u8]) -> Vec<u8> {
 
 /// Every panel's every query, with Grafana's variables as this test has them: `(panel title,
 /// expr)`, rows' nested panels included.
-fn dashboard_queries() -> Vec<(String, String)> {
+/// Every panel query, with Grafana's interval variables and the dashboard's `prefix` variable
+/// (`CATENA_NAME_PREFIX`) substituted.
+fn dashboard_queries(prefix: &str) -> Vec<(String, String)> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/grafana/dashboards/catena-ingest.json"
@@ -284,7 +286,7 @@ fn dashboard_queries() -> Vec<(String, String)> {
         .as_array()
         .map(|l| {
             l.iter()
-                .filter(|v| v["type"] != "datasource")
+                .filter(|v| v["type"] != "datasource" && v["name"] != "prefix")
                 .map(|v| v["name"].as_str().unwrap().to_owned())
                 .collect()
         })
@@ -293,7 +295,7 @@ fn dashboard_queries() -> Vec<(String, String)> {
         variables.is_empty(),
         "the dashboard has query variables now ({variables:?}): substitute them here"
     );
-    fn walk(panels: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    fn walk(panels: &serde_json::Value, prefix: &str, out: &mut Vec<(String, String)>) {
         for panel in panels.as_array().into_iter().flatten() {
             let title = panel["title"].as_str().unwrap_or("?").to_owned();
             for target in panel["targets"].as_array().into_iter().flatten() {
@@ -304,7 +306,9 @@ fn dashboard_queries() -> Vec<(String, String)> {
                         .replace("$__interval", "5s")
                         .replace("${__interval}", "5s")
                         .replace("$__range", "5m")
-                        .replace("${__range}", "5m");
+                        .replace("${__range}", "5m")
+                        .replace("${prefix}", prefix)
+                        .replace("$prefix", prefix);
                     assert!(
                         !expr.contains('$'),
                         "unsubstituted variable in {title}: {expr}"
@@ -312,11 +316,11 @@ fn dashboard_queries() -> Vec<(String, String)> {
                     out.push((title.clone(), expr));
                 }
             }
-            walk(&panel["panels"], out);
+            walk(&panel["panels"], prefix, out);
         }
     }
     let mut out = Vec::new();
-    walk(&dashboard["panels"], &mut out);
+    walk(&dashboard["panels"], prefix, &mut out);
     out
 }
 
@@ -433,7 +437,7 @@ async fn wait_targets_up(s: &Stack) {
 /// Every dashboard query that errors or returns no series, as `title: expr: why`.
 async fn panels_without_data(s: &Stack) -> Vec<String> {
     let mut problems = Vec::new();
-    let queries = dashboard_queries();
+    let queries = dashboard_queries(&s.p.names.prefix);
     for (title, expr) in &queries {
         let allowed = PANELS_WITHOUT_DATA.iter().find(|(t, _)| t == title);
         // A series that appeared with the traffic needs a second scrape before `rate` sees it.
