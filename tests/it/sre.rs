@@ -49,9 +49,10 @@
 //! - `CatenaNotificationFailures`: a failing alert sink would fire it, but its
 //!   `rate(..[10m]) > 0` holds every failure for ten minutes after the sink is back, and nothing
 //!   dilutes a `> 0`: it cannot resolve within the test. Not provoked.
-//! - `CatenaOutboxBacklog`: more than 100 notifications undelivered (a failing sink and over 100
-//!   alerts opened); it would resolve once the sink is back. Provokable, not provoked yet: the
-//!   failing sink would also fire `CatenaNotificationFailures` for the rest of the run.
+//! - `CatenaOutboxBacklog`: tried with the worker's JSON webhook sink answering 503 while churning
+//!   scenarios opened and resolved alerts: 60 s and 61 000 events did not take
+//!   `catena_outbox_pending` past 100 (not understood yet), while `CatenaNotificationFailures`
+//!   fired. Not provoked.
 //! - `CatenaNoConsumers`' `rabbitmq_queue_consumers == 0` branch: the harness cannot stop only the
 //!   in-process worker's consumers.
 //! - `CatenaDbPoolSaturated`: tried with a black-holed database and a pool of 3: it fired in one
