@@ -1,7 +1,7 @@
 //! The shipped alerting, end to end: a real Prometheus (Debian's `prometheus`) scrapes this
 //! test's relay, worker, reconciler and RabbitMQ (the `rabbitmq_prometheus` plugin's
-//! `/metrics/per-object`, only this test's queues, presented under the default `catena.` prefix
-//! the dashboard hard-codes), evaluates `deploy/prometheus/rules/catena.yml` (a copy with every
+//! `/metrics/per-object`, only this test's queues, presented under the default `catena.` prefix,
+//! which the dashboard's `prefix` variable is set to), evaluates `deploy/prometheus/rules/catena.yml` (a copy with every
 //! `for:` at 2 s, expressions untouched) and sends to a real Alertmanager. The shipped Grafana
 //! dashboard's every query must return series, and every rule that can be provoked here is
 //! provoked, seen pending then firing in Prometheus, active in Alertmanager with its `severity`,
@@ -11,9 +11,9 @@
 //! One stack; independent provocations run at the same time.
 //!
 //! Provoked (pending, firing, in Alertmanager, resolved):
-//! - `CatenaConnectionStale`: fixture `09-connection.staled`; resolved by a newer
+//! - `CatenaStaleConnectionsOpen`: fixture `09-connection.staled`; resolved by a newer
 //!   `connection.created` showing the connection active.
-//! - `CatenaScheduleDeactivated`: fixture `08-schedule.deactivated`; resolved by hand (as
+//! - `CatenaDeactivatedSchedulesOpen`: fixture `08-schedule.deactivated`; resolved by hand (as
 //!   `alerts resolve` does: Catena has no reactivation event).
 //! - `CatenaParkedMessages` (the `delta(..[15m]) > 0` branch): a signed malformed body is
 //!   parked; resolved by purging the parking lot.
@@ -40,6 +40,11 @@
 //!   for five minutes).
 //! - `CatenaRelayNoSecrets`: the relay's secrets file (it reads one, re-read every 100 ms)
 //!   emptied; resolved by writing it back.
+//! - `CatenaWebhookStale`, `CatenaWebhookDlqBacklog`, `CatenaWebhookSecretMismatch`: one of our
+//!   subscriptions (registered, at the reconciler's fake Catena) signed with a secret the relay
+//!   does not have: refused, dead-lettered, staled by the breaker, not reactivated by the
+//!   reconciler (our relay refuses its signatures); resolved by giving the relay the secret,
+//!   activating and replaying.
 //!
 //! Provoked (pending, firing, in Alertmanager), resolution not waited for:
 //! - `CatenaRelaySecretsReloadFailing`: the secrets file made unparseable. Its
@@ -55,13 +60,7 @@
 //!   fired. Not provoked.
 //! - `CatenaNoConsumers`' `rabbitmq_queue_consumers == 0` branch: the harness cannot stop only the
 //!   in-process worker's consumers.
-//! - `CatenaDbPoolSaturated`: tried with a black-holed database and a pool of 3: it fired in one
-//!   run of two, as hung connections go back to the pool at the batch deadline. Not
-//!   deterministic, so not provoked.
 //! - `CatenaRetentionStalled`: `[2h]` of failed sweeps, or 6 h without a success.
-//! - `CatenaWebhookStale`, `CatenaWebhookDlqBacklog`, `CatenaWebhookSecretMismatch`: need the
-//!   reconciler managing subscriptions through an outage (`tests/it/control_plane.rs` drives
-//!   that); the reconciler here has none.
 //! - `CatenaControlPlaneDown`: 10 minutes without a good poll, or a target seen `[1d] offset
 //!   10m` ago that exports nothing.
 
@@ -90,7 +89,7 @@ struct Stack {
     relay_scrape: TcpProxy,
     worker_scrape: TcpProxy,
     rules: Vec<serde_json::Value>,
-    _reconciler: IdleReconciler,
+    reconciler: IdleReconciler,
     /// The relay's `CATENA_WEBHOOK_SECRETS_FILE`.
     secrets_file: std::path::PathBuf,
     _secrets_dir: TempDir,
@@ -391,7 +390,7 @@ async fn start_stack() -> Stack {
         relay_scrape,
         worker_scrape,
         rules,
-        _reconciler: reconciler,
+        reconciler,
         secrets_file,
         _secrets_dir: secrets_dir,
         started,
@@ -685,6 +684,60 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
         "the relay verifies with the secrets file again"
     );
     // Its `increase(..[10m]) > 0` holds the failed reloads for ten minutes: not waited for.
+
+    // 6. The control plane: one of our subscriptions whose secret the relay does not have.
+    // Catena's deliveries are refused (503), dead-lettered, and its breaker stales the
+    // subscription; the reconciler sees it stale with a DLQ and our relay refusing its
+    // signatures (so it does not reactivate). Then the secret reaches the relay, the
+    // subscription is activated and replayed, and all three resolve.
+    let webhook_stale = s.rule(r#"catena_control_subscriptions{status="stale"}"#);
+    let dlq_backlog = s.rule("catena_control_dlq_messages");
+    let mismatch = s.rule("catena_control_secret_refusals");
+    let catena = s.reconciler.client();
+    let secret = "mismatched-secret-0123456789";
+    let subscription = catena
+        .create(&catena_ingest::catena::model::CreateWebhook {
+            url: s.p.relay_url(),
+            event_name: "connection.staled".into(),
+            filters: None,
+            secret: Some(secret.into()),
+        })
+        .await
+        .unwrap();
+    catena_ingest::control::registry::record(
+        &s.p.db().client().await,
+        &subscription.id,
+        "connection.staled",
+        &s.p.relay_url(),
+        &catena_ingest::control::secrets_file::fingerprint(secret),
+    )
+    .await
+    .unwrap();
+    // Past the breaker's 5 s grace after the create, then enough refused messages to trip it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let fake = &s.reconciler.fake.fake;
+    let data = serde_json::json!([{"id": uuid::Uuid::new_v4(), "status": "stale"}]);
+    for _ in 0..14 {
+        fake.emit("connection.staled", data.clone(), None).unwrap();
+    }
+    tokio::join!(
+        s.fires(&webhook_stale),
+        s.fires(&dlq_backlog),
+        s.fires(&mismatch)
+    );
+    std::fs::write(
+        &s.secrets_file,
+        format!("{}{}={secret}\n", good_secrets_file(), subscription.id),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await; // the relay re-reads every 100 ms
+    catena.activate(&subscription.id).await.unwrap();
+    catena.replay(&subscription.id).await.unwrap();
+    tokio::join!(
+        s.resolves(&webhook_stale),
+        s.resolves(&dlq_backlog),
+        s.resolves(&mismatch)
+    );
 
     println!("[{:6.1}s] done", s.elapsed());
     s.p.stop().await;

@@ -209,7 +209,7 @@ impl ControlPlane {
 /// deployment runs beside relay and worker, for tests that only need it up and exporting
 /// (`tests/it/sre.rs`). Stopped when `shutdown` is triggered.
 pub struct IdleReconciler {
-    pub _fake: RunningFake,
+    pub fake: RunningFake,
     pub reconciler: RunningReconciler,
     pub shutdown: Shutdown,
 }
@@ -244,10 +244,26 @@ impl IdleReconciler {
             .await
             .unwrap();
         Self {
-            _fake: fake,
+            fake,
             reconciler,
             shutdown,
         }
+    }
+}
+
+impl IdleReconciler {
+    /// A client of its fake Catena, with the reconciler's credentials.
+    pub fn client(&self) -> CatenaClient {
+        let config = self.fake.fake.config();
+        CatenaClient::new(
+            CatenaSettings {
+                api_url: self.fake.api_url(),
+                auth_url: self.fake.auth_url(),
+                client_id: config.client_id,
+                client_secret: config.client_secret,
+            },
+            None,
+        )
     }
 }
 
