@@ -6,7 +6,8 @@ CREATE TABLE catena_subscriptions (
     event_name          text NOT NULL,
     -- The URL we asked for (Catena shows it masked).
     url                 text NOT NULL,
-    -- Catena's status as last polled, and as last announced by a webhook.* event (event time).
+    -- Catena's status as last polled (observed_at: when a poll saw it change), and as last
+    -- announced by a webhook.* event (event time).
     status              text,
     observed_at         timestamptz,
     event_status        text,

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use catena_ingest::catena::CatenaClient;
 use catena_ingest::catena::model::DESIRED_EVENTS;
-use catena_ingest::config::{CatenaSettings, DatabaseSettings, ReconcileSettings};
+use catena_ingest::config::{DatabaseSettings, ReconcileSettings};
 use catena_ingest::control::sink::Sink;
 use catena_ingest::control::sync::{self, SyncPlan};
 use catena_ingest::control::{Barrier, Control};
@@ -77,20 +77,10 @@ pub async fn start(
         ewma_alpha: 0.2,
         ..FakeConfig::default()
     };
-    let catena = CatenaSettings {
-        api_url: String::new(),
-        auth_url: String::new(),
-        client_id: config.client_id.clone(),
-        client_secret: config.client_secret.clone(),
-    };
     let running = fake_catena::start(&addrs.fake, config, shutdown.clone())
         .await
         .with_context(|| format!("binding {}", addrs.fake))?;
-    let catena = CatenaSettings {
-        api_url: running.api_url(),
-        auth_url: running.auth_url(),
-        ..catena
-    };
+    let catena = running.catena_settings();
     let open = Arc::new(AtomicBool::new(true));
     let door = door(&addrs.door, relay, open.clone())
         .await

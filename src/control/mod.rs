@@ -78,6 +78,35 @@ impl Control<'_> {
         Ok(SecretsFile::parse(&self.sink.read().await?)?)
     }
 
+    /// Make Catena sign `row`'s deliveries with `secret` (already loaded by every relay), and
+    /// record it: the registry's fingerprint is what sync never retires.
+    async fn switch_secret(
+        &self,
+        actor: &str,
+        row: &registry::Registered,
+        secret: &str,
+        detail: &str,
+    ) -> Result<(), ControlError> {
+        let patch = crate::catena::model::PatchWebhook {
+            secret: Some(secret.to_owned()),
+            ..Default::default()
+        };
+        self.catena.patch(&row.webhook_id, &patch).await?;
+        let fp = secrets_file::fingerprint(secret);
+        registry::set_secret(self.db, &row.webhook_id, &fp, row.secret_fp.as_deref()).await?;
+        registry::log(
+            self.db,
+            actor,
+            "patch_secret",
+            Some(&row.webhook_id),
+            Some(&row.event_name),
+            "ok",
+            detail,
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Write, then wait until every relay reports having loaded exactly this.
     async fn write_and_wait(&self, file: &SecretsFile) -> Result<(), ControlError> {
         let version = self.sink.write(&file.render()).await?;

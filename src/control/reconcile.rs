@@ -225,7 +225,7 @@ impl Reconciler {
             )
             .await?;
             let mut status = hook.status;
-            registry::observe_status(&db, &row.webhook_id, status.as_str()).await?;
+            registry::observe_status(&db, row, status).await?;
             let mut dlq = row.dlq_count.unwrap_or(0);
             let mut ewma = row.ewma_success_rate;
             if status != WebhookStatus::Active || dlq > 0 || full {

@@ -118,12 +118,17 @@ pub async fn set_secret(
     Ok(())
 }
 
-/// What a poll saw.
+/// What a poll saw; written only when it differs from the row (`observed_at` is when a poll
+/// saw it change), so a steady poll of unchanged subscriptions writes nothing.
 pub async fn observe_status(
     client: &Client,
-    webhook_id: &str,
-    status: &str,
+    row: &Registered,
+    status: crate::catena::model::WebhookStatus,
 ) -> Result<(), DbError> {
+    let (webhook_id, status) = (&row.webhook_id, status.as_str());
+    if row.status.as_deref() == Some(status) {
+        return Ok(());
+    }
     client
         .execute(
             "UPDATE catena_subscriptions SET status = $2, observed_at = now() WHERE webhook_id = $1",

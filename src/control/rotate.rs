@@ -11,9 +11,8 @@ use chrono::Utc;
 use serde::Serialize;
 
 use super::registry;
-use super::secrets_file::{Entry, fingerprint, generate_secret};
+use super::secrets_file::{Entry, generate_secret};
 use super::{Control, ControlError};
-use crate::catena::model::PatchWebhook;
 
 /// Which subscriptions: all of ours, or these ids.
 #[derive(Debug, Clone)]
@@ -79,32 +78,13 @@ pub async fn rotate(
     // 2. Then Catena switches, one subscription at a time.
     for (row, secret) in new_secrets {
         control
-            .catena
-            .patch(
-                &row.webhook_id,
-                &PatchWebhook {
-                    secret: Some(secret.clone()),
-                    ..PatchWebhook::default()
-                },
+            .switch_secret(
+                ACTOR,
+                row,
+                &secret,
+                &format!("old secret kept until {retire_after}"),
             )
             .await?;
-        registry::set_secret(
-            control.db,
-            &row.webhook_id,
-            &fingerprint(&secret),
-            row.secret_fp.as_deref(),
-        )
-        .await?;
-        registry::log(
-            control.db,
-            ACTOR,
-            "patch_secret",
-            Some(&row.webhook_id),
-            Some(&row.event_name),
-            "ok",
-            &format!("old secret kept until {retire_after}"),
-        )
-        .await?;
         tracing::info!(webhook_id = %row.webhook_id, event_name = %row.event_name, "secret rotated");
         report.rotated.push(row.webhook_id.clone());
     }

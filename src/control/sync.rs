@@ -104,7 +104,7 @@ pub async fn sync(control: &Control<'_>, plan: &SyncPlan) -> Result<SyncReport, 
     for row in &live {
         match remote.iter().find(|w| w.id == row.webhook_id) {
             Some(w) if w.status != WebhookStatus::Deleted => {
-                registry::observe_status(control.db, &row.webhook_id, w.status.as_str()).await?;
+                registry::observe_status(control.db, row, w.status).await?;
             }
             _ => gone.push(row.clone()),
         }
@@ -448,32 +448,8 @@ async fn give_new_secret(
     });
     control.write_and_wait(file).await?;
     control
-        .catena
-        .patch(
-            &row.webhook_id,
-            &PatchWebhook {
-                secret: Some(secret.clone()),
-                ..PatchWebhook::default()
-            },
-        )
+        .switch_secret(ACTOR, row, &secret, "secret not in the sink")
         .await?;
     report.mutating_calls += 1;
-    registry::set_secret(
-        control.db,
-        &row.webhook_id,
-        &fingerprint(&secret),
-        row.secret_fp.as_deref(),
-    )
-    .await?;
-    registry::log(
-        control.db,
-        ACTOR,
-        "patch_secret",
-        Some(&row.webhook_id),
-        Some(&row.event_name),
-        "ok",
-        "secret not in the sink",
-    )
-    .await?;
     Ok(())
 }

@@ -58,6 +58,17 @@ impl RunningFake {
     pub fn auth_url(&self) -> String {
         format!("http://{}{TOKEN_PATH}", self.addr)
     }
+
+    /// Our client's settings for this fake: its URLs and its (development) credentials.
+    pub fn catena_settings(&self) -> crate::config::CatenaSettings {
+        let config = self.fake.config();
+        crate::config::CatenaSettings {
+            api_url: self.api_url(),
+            auth_url: self.auth_url(),
+            client_id: config.client_id,
+            client_secret: config.client_secret,
+        }
+    }
 }
 
 /// Bind `listen` and serve the API, the token endpoint and the hooks until `shutdown`; delivery

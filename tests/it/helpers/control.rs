@@ -79,13 +79,7 @@ impl ControlPlane {
     }
 
     pub fn catena_settings(&self) -> CatenaSettings {
-        let config = self.fake.fake.config();
-        CatenaSettings {
-            api_url: self.fake.api_url(),
-            auth_url: self.fake.auth_url(),
-            client_id: config.client_id,
-            client_secret: config.client_secret,
-        }
+        self.fake.catena_settings()
     }
 
     pub fn client(&self) -> CatenaClient {
@@ -220,13 +214,7 @@ impl IdleReconciler {
         let fake = fake_catena::start("127.0.0.1:0", test_fake_config(), shutdown.clone())
             .await
             .unwrap();
-        let config = fake.fake.config();
-        let catena = CatenaSettings {
-            api_url: fake.api_url(),
-            auth_url: fake.auth_url(),
-            client_id: config.client_id,
-            client_secret: config.client_secret,
-        };
+        let catena = fake.catena_settings();
         let settings = ReconcileSettings {
             once: false,
             interval: Duration::from_secs(1),
@@ -254,16 +242,7 @@ impl IdleReconciler {
 impl IdleReconciler {
     /// A client of its fake Catena, with the reconciler's credentials.
     pub fn client(&self) -> CatenaClient {
-        let config = self.fake.fake.config();
-        CatenaClient::new(
-            CatenaSettings {
-                api_url: self.fake.api_url(),
-                auth_url: self.fake.auth_url(),
-                client_id: config.client_id,
-                client_secret: config.client_secret,
-            },
-            None,
-        )
+        CatenaClient::new(self.fake.catena_settings(), None)
     }
 }
 
