@@ -13,7 +13,7 @@ use clap::builder::TypedValueParser as _;
 use clap::{Args, FromArgMatches};
 
 use crate::broker::Names;
-use crate::broker::topology::RetryDelays;
+use crate::broker::topology::{EventRouting, RetryDelays};
 use crate::relay::budget::CONNECTION_ALLOWANCE;
 use crate::relay::secrets::{SecretStore, SecretsError};
 use crate::relay::signature::Window;
@@ -91,6 +91,13 @@ pub struct BrokerSettings {
     /// named after its delay; a message that exhausts the tiers is parked.
     #[arg(long, env = "CATENA_RETRY_DELAYS", default_value_t = RetryDelays::default())]
     pub retry_delays: RetryDelays,
+
+    /// How new event messages reach the events queue: `queue` (the default exchange, cheapest;
+    /// concurrent requests may share a message) or `topic` (the `<prefix>.events` topic
+    /// exchange keyed by event name, one message per request, for other consumers that bind
+    /// by event name). Workers read both.
+    #[arg(long, env = "CATENA_EVENT_ROUTING", value_enum, default_value_t = EventRouting::Queue)]
+    pub event_routing: EventRouting,
 }
 
 impl BrokerSettings {
@@ -104,6 +111,7 @@ impl BrokerSettings {
 
     pub fn names(&self) -> Names {
         Names::with_retry_delays(&self.name_prefix, self.retry_delays.clone())
+            .with_routing(self.event_routing)
     }
 }
 
@@ -198,9 +206,18 @@ pub struct RelaySettings {
     #[arg(long, env = "RELAY_CONFIRM_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub confirm_timeout: Duration,
 
-    /// Confirm-mode channels shared by all requests (round-robin).
-    #[arg(long, env = "RELAY_PUBLISH_CHANNELS", default_value_t = 4)]
+    /// Confirm-mode channels, each carrying one message at a time: requests that arrive while
+    /// every channel waits for a confirm share the next message (README, "Broker contract").
+    #[arg(long, env = "RELAY_PUBLISH_CHANNELS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
     pub publish_channels: usize,
+
+    /// Most requests one broker message carries (1 turns grouping off).
+    #[arg(long, env = "RELAY_GROUP_MAX_EVENTS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub group_max_events: usize,
+
+    /// Most body bytes one group message carries; a larger body travels alone.
+    #[arg(long, env = "RELAY_GROUP_MAX_BYTES", default_value_t = 256 * 1024)]
+    pub group_max_bytes: usize,
 
     /// Memory the relay may spend on connections and request bodies, in bytes, on top of its
     /// baseline (code, runtime, broker connection: ~26 MiB). RELAY_MAX_INFLIGHT_BYTES,

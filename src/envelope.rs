@@ -35,6 +35,9 @@ pub enum DecodeError {
         index: usize,
         reason: String,
     },
+    /// A group message whose framing is broken (it is parked whole, as it came).
+    #[error("group message cannot be unpacked: {0}")]
+    Group(String),
 }
 
 impl DecodeError {
@@ -42,7 +45,7 @@ impl DecodeError {
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::NotJson(_) => "malformed",
-            DecodeError::MissingField(_) => "malformed",
+            DecodeError::MissingField(_) | DecodeError::Group(_) => "malformed",
             DecodeError::UnsupportedVersion(_) => "unsupported_version",
             DecodeError::InvalidRecord { .. } => "invalid_record",
         }

@@ -55,6 +55,7 @@ pub struct RelayMetrics {
     pub requests: IntCounterVec,
     pub request_duration: Histogram,
     pub publish_confirm: Histogram,
+    pub group_events: Histogram,
     pub broker_ready: IntGauge,
     pub inflight: IntGauge,
     pub inflight_bytes: IntGauge,
@@ -141,6 +142,17 @@ impl RelayMetrics {
                         "Time from publish to broker confirm",
                     )
                     .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .unwrap(),
+            ),
+            group_events: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "catena_relay_group_events",
+                        "Requests carried by each broker message (a group publish)",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
                 )
                 .unwrap(),
             ),

@@ -1,12 +1,14 @@
 //! RabbitMQ: connections, the confirmed publisher and the topology every process declares.
 
+mod group;
 mod publisher;
 pub mod topology;
 
 use lapin::{Connection, ConnectionProperties};
 
+pub use group::{EventBody, EventPublisher, GroupSettings};
 pub use publisher::{PublishError, Publisher};
-pub use topology::Names;
+pub use topology::{EventRouting, Names};
 
 /// Connect with a recognisable connection name (shown in the management UI). `amqps://` URLs
 /// take their TLS files from the URL (see [`crate::tls`]).

@@ -30,6 +30,24 @@ pub enum PublishError {
     ConfirmTimeout(Duration),
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    /// A [`PublishError::Broker`] passed on to another request of the same group message.
+    #[error("broker error: {0}")]
+    BrokerShared(String),
+}
+
+impl PublishError {
+    /// The same failure for another request carried by the same message (lapin's error is not
+    /// `Clone`).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            PublishError::Unavailable => PublishError::Unavailable,
+            PublishError::Nacked => PublishError::Nacked,
+            PublishError::Unroutable => PublishError::Unroutable,
+            PublishError::ConfirmTimeout(d) => PublishError::ConfirmTimeout(*d),
+            PublishError::Broker(e) => PublishError::BrokerShared(e.to_string()),
+            PublishError::BrokerShared(e) => PublishError::BrokerShared(e.clone()),
+        }
+    }
 }
 
 struct Session {

@@ -1,10 +1,15 @@
 //! Broker topology: names and idempotent declarations.
 //!
 //! ```text
-//! <p>.events (topic) --#--> <p>.events (quorum, delivery-limit, DLX -> <p>.parked)
-//! worker --> <p>.retry.<tier> (quorum, message TTL, DLX -> <p>.events exchange) --> back to <p>.events
+//! relay --default exchange, key <p>.events--> <p>.events (quorum, delivery-limit, DLX -> <p>.parked)
+//! relay --<p>.events (topic), key = event name, `#`--> <p>.events   (opt-in: CATENA_EVENT_ROUTING=topic)
+//! worker --> <p>.retry.<tier> (quorum, message TTL, DLX -> default exchange, key <p>.events)
 //! worker --> <p>.parked (quorum)
 //! ```
+//! The default exchange is the cheapest route RabbitMQ has (on 3.10 its only routing
+//! shortcut); the topic exchange is still declared and bound on every start, for deployments
+//! where other consumers bind by event name, and because retry tiers declared by an older
+//! version dead-letter through it.
 //! Retry tiers are plain TTL queues (no delayed-message plugin: it is not replicated). Every
 //! queue is a quorum queue so messages survive a broker node loss; dead-lettering is
 //! `at-least-once` so nothing is dropped on the way to a tier or the parking lot.
@@ -65,6 +70,18 @@ impl std::str::FromStr for RetryDelays {
     }
 }
 
+/// How new event messages reach `<prefix>.events` (`CATENA_EVENT_ROUTING`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventRouting {
+    /// Straight into the queue through the default exchange; concurrent requests may share a
+    /// message (a group).
+    #[default]
+    Queue,
+    /// Through the topic exchange with the event name as routing key, one message per request,
+    /// so other consumers can bind by event name (README, "Broker contract", for its cost).
+    Topic,
+}
+
 /// Every exchange and queue name, derived from `CATENA_NAME_PREFIX`.
 #[derive(Clone, Debug)]
 pub struct Names {
@@ -72,6 +89,7 @@ pub struct Names {
     pub events_exchange: String,
     pub events_queue: String,
     pub parked_queue: String,
+    pub routing: EventRouting,
     retry_delays: Vec<Duration>,
 }
 
@@ -86,7 +104,20 @@ impl Names {
             events_exchange: format!("{prefix}.events"),
             events_queue: format!("{prefix}.events"),
             parked_queue: format!("{prefix}.parked"),
+            routing: EventRouting::default(),
             retry_delays: retry_delays.0,
+        }
+    }
+
+    pub fn with_routing(self, routing: EventRouting) -> Self {
+        Self { routing, ..self }
+    }
+
+    /// Exchange and routing key for a new message of `event_name` (a group: any name).
+    pub fn route<'a>(&'a self, event_name: &'a str) -> (&'a str, &'a str) {
+        match self.routing {
+            EventRouting::Queue => ("", &self.events_queue),
+            EventRouting::Topic => (&self.events_exchange, event_name),
         }
     }
 
@@ -129,42 +160,16 @@ fn quorum_args() -> FieldTable {
     args
 }
 
-/// Declare everything, on a channel of its own. Idempotent and safe to run from many processes
-/// at once: the broker treats an identical re-declaration as a no-op.
+/// Declare everything. Idempotent and safe to run from many processes at once: the broker
+/// treats an identical re-declaration as a no-op.
 ///
-/// RabbitMQ cannot change a queue's arguments in place, so an events queue declared by an older
-/// version with other ones (an older delivery limit) is used as it is, passively, with a
-/// warning that says what to do, rather than refusing to run.
+/// RabbitMQ cannot change a queue's arguments in place, so a queue declared by an older
+/// version with other ones (an older delivery limit, a retry tier that dead-letters through the
+/// topic exchange) is used as it is, passively, with a warning that says what to do, rather
+/// than refusing to run. Such tiers still work: the exchange they dead-letter to is declared
+/// and bound below.
 pub async fn declare(connection: &Connection, names: &Names) -> lapin::Result<()> {
-    let channel = connection.create_channel().await?;
-    let declared = match declare_on(&channel, names, Declare::Full).await {
-        Err(error) if error.to_string().contains("PRECONDITION_FAILED") => {
-            tracing::warn!(
-                queue = %names.events_queue,
-                %error,
-                "the events queue exists with other arguments (declared by an older version); \
-                 using it as it is. To take the new ones (delivery limit {DELIVERY_LIMIT}), drain \
-                 and delete it while no relay publishes, then restart a worker"
-            );
-            let channel = connection.create_channel().await?;
-            let result = declare_on(&channel, names, Declare::EventsQueuePassive).await;
-            let _ = channel.close(200, "topology declared".into()).await;
-            return result;
-        }
-        other => other,
-    };
-    let _ = channel.close(200, "topology declared".into()).await;
-    declared
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Declare {
-    Full,
-    /// Everything but the events queue's arguments, which are whatever it has.
-    EventsQueuePassive,
-}
-
-async fn declare_on(channel: &Channel, names: &Names, how: Declare) -> lapin::Result<()> {
+    let mut channel = connection.create_channel().await?;
     channel
         .exchange_declare(
             names.events_exchange.as_str().into(),
@@ -176,10 +181,6 @@ async fn declare_on(channel: &Channel, names: &Names, how: Declare) -> lapin::Re
             FieldTable::default(),
         )
         .await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
 
     // The parking lot is browsed with get + requeue (`catena-ingest parked list`); each
     // requeue counts as a delivery, and RabbitMQ 4.x drops quorum messages past the default
@@ -189,9 +190,7 @@ async fn declare_on(channel: &Channel, names: &Names, how: Declare) -> lapin::Re
         "x-delivery-limit".into(),
         AMQPValue::LongLongInt(PARKED_DELIVERY_LIMIT),
     );
-    channel
-        .queue_declare(names.parked_queue.as_str().into(), durable, parked)
-        .await?;
+    declare_queue(connection, &mut channel, &names.parked_queue, parked).await?;
 
     let mut main = quorum_args();
     main.insert(
@@ -202,19 +201,7 @@ async fn declare_on(channel: &Channel, names: &Names, how: Declare) -> lapin::Re
     main.insert("x-dead-letter-routing-key".into(), s(&names.parked_queue));
     main.insert("x-dead-letter-strategy".into(), s("at-least-once"));
     main.insert("x-overflow".into(), s("reject-publish"));
-    let (options, args) = match how {
-        Declare::Full => (durable, main),
-        Declare::EventsQueuePassive => (
-            QueueDeclareOptions {
-                passive: true,
-                ..durable
-            },
-            FieldTable::default(),
-        ),
-    };
-    channel
-        .queue_declare(names.events_queue.as_str().into(), options, args)
-        .await?;
+    declare_queue(connection, &mut channel, &names.events_queue, main).await?;
     channel
         .queue_bind(
             names.events_queue.as_str().into(),
@@ -231,13 +218,50 @@ async fn declare_on(channel: &Channel, names: &Names, how: Declare) -> lapin::Re
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(delay.as_millis() as i64),
         );
-        args.insert("x-dead-letter-exchange".into(), s(&names.events_exchange));
+        args.insert("x-dead-letter-exchange".into(), s(""));
+        args.insert("x-dead-letter-routing-key".into(), s(&names.events_queue));
         args.insert("x-dead-letter-strategy".into(), s("at-least-once"));
         args.insert("x-overflow".into(), s("reject-publish"));
-        let queue: ShortString = queue.as_str().into();
-        channel.queue_declare(queue, durable, args).await?;
+        declare_queue(connection, &mut channel, &queue, args).await?;
     }
+    let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// Declare one durable queue; if it exists with other arguments, use it as it is (the failed
+/// declaration closed the channel: continue on a new one).
+async fn declare_queue(
+    connection: &Connection,
+    channel: &mut Channel,
+    queue: &str,
+    args: FieldTable,
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let name: ShortString = queue.into();
+    match channel.queue_declare(name.clone(), durable, args).await {
+        Err(error) if error.to_string().contains("PRECONDITION_FAILED") => {
+            tracing::warn!(
+                queue,
+                %error,
+                "the queue exists with other arguments (declared by an older version); using it \
+                 as it is. To take the new ones, drain and delete it while nothing publishes to \
+                 it, then restart a worker"
+            );
+            *channel = connection.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..durable
+            };
+            channel
+                .queue_declare(name, passive, FieldTable::default())
+                .await
+                .map(drop)
+        }
+        other => other.map(drop),
+    }
 }
 
 #[cfg(test)]

@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 
-use catena_ingest::broker::Publisher;
-use catena_ingest::config::{BrokerSettings, DeliverySettings, SecretSettings, parse_duration};
+use catena_ingest::broker::{EventPublisher, GroupSettings, Publisher};
+use catena_ingest::config::{
+    BrokerSettings, DeliverySettings, RelaySettings, SecretSettings, parse_duration,
+};
 use catena_ingest::loadgen::report;
 use catena_ingest::loadgen::scenario::{self, ScenarioOptions};
 use catena_ingest::loadgen::send::{self, Outgoing, SendOptions, Target};
+use catena_ingest::message::Producer;
 use catena_ingest::relay;
 use catena_ingest::shutdown::Shutdown;
 
@@ -233,10 +236,19 @@ impl Send {
                 if !publisher.wait_ready(Duration::from_secs(10)).await {
                     bail!("cannot reach RabbitMQ at the configured AMQP_URL");
                 }
-                Target::Amqp {
+                let relay = RelaySettings::default();
+                Target::Amqp(EventPublisher::start(
                     publisher,
-                    exchange: names.events_exchange,
-                }
+                    names,
+                    GroupSettings {
+                        lanes: relay.publish_channels,
+                        max_events: relay.group_max_events,
+                        max_bytes: relay.group_max_bytes,
+                        deadline: Duration::from_secs(5),
+                        producer: Producer::LoadGenerator,
+                    },
+                    None,
+                ))
             }
         };
         let sent = send::send_to(&options, target, outgoing, count, deadline).await;

@@ -12,9 +12,9 @@ use hdrhistogram::Histogram;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::scenario::{Delivery, Event};
-use crate::broker::Publisher;
+use crate::broker::EventPublisher;
 use crate::config::DeliverySettings;
-use crate::message::{self, CatenaHeaders, Producer};
+use crate::message::{CatenaHeaders, EventMeta};
 use crate::relay::gunzip::gzip;
 use crate::relay::signature::sign;
 
@@ -245,10 +245,7 @@ pub enum Target {
     /// POST to the relay, as Catena does.
     Http(reqwest::Client),
     /// Publish with confirm straight to the broker (the broker-only baseline).
-    Amqp {
-        publisher: Publisher,
-        exchange: String,
-    },
+    Amqp(EventPublisher),
 }
 
 /// Send from an iterator (generated lazily), stopping at `deadline` if given.
@@ -305,10 +302,7 @@ pub async fn send_to(
             let _permit = permit;
             match &target {
                 Target::Http(client) => deliver(client, &options, index, out, &shared).await,
-                Target::Amqp {
-                    publisher,
-                    exchange,
-                } => publish(publisher, exchange, index, out, &shared).await,
+                Target::Amqp(events) => publish(events, index, out, &shared).await,
             }
         });
         // Reap finished tasks as we go so the set stays small on long runs.
@@ -334,31 +328,18 @@ pub async fn send_to(
     report
 }
 
-/// Broker-only path: the relay's publish (same headers, persistent, mandatory, confirmed).
-async fn publish(
-    publisher: &Publisher,
-    exchange: &str,
-    index: usize,
-    out: Outgoing,
-    shared: &Mutex<Shared>,
-) {
+/// Broker-only path: the relay's publish (the same shape and grouping, persistent, mandatory,
+/// confirmed).
+async fn publish(events: &EventPublisher, index: usize, out: Outgoing, shared: &Mutex<Shared>) {
     let catena = CatenaHeaders {
         webhook_id: Some(&out.webhook_id),
         event_type: Some(&out.event_name),
         delivery_attempt: Some("1"),
         ..Default::default()
     };
-    let properties = message::event_properties(&catena, Utc::now(), Producer::LoadGenerator);
+    let meta = EventMeta::of_request(&catena, &out.event_name, Utc::now());
     let t0 = Instant::now();
-    let result = publisher
-        .publish(
-            exchange,
-            &out.event_name,
-            &out.body,
-            properties,
-            Duration::from_secs(5),
-        )
-        .await;
+    let result = events.publish(meta, Box::new(out.body)).await;
     let micros = t0.elapsed().as_micros() as u64;
     let mut s = shared.lock().await;
     s.report.requests += 1;

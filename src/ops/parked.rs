@@ -61,14 +61,29 @@ pub enum ParkedError {
     NotReady,
 }
 
+/// The message's headers, with the Catena metadata that travels in properties and the one
+/// `x-catena` header shown under Catena's own header names (whatever the message's shape). A
+/// group (parked whole by the broker's delivery limit) shows how many events it carries.
 fn headers(delivery: &Delivery) -> serde_json::Map<String, serde_json::Value> {
-    delivery
+    let mut headers = delivery
         .properties
         .headers()
         .as_ref()
         .map(message::headers_json)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if message::is_group(&delivery.properties) {
+        let events = message::decode_group(&delivery.data).map_or(0, |entries| entries.len());
+        headers.insert(GROUP_EVENTS.into(), events.into());
+        return headers;
+    }
+    for (name, value) in message::meta_of(&delivery.properties).fields() {
+        headers.entry(name).or_insert(value.into());
+    }
+    headers
 }
+
+/// Shown for a parked group: the events it carries (`parked replay` puts them all back).
+const GROUP_EVENTS: &str = "group_events";
 
 /// What the broker's own dead-lettering recorded (messages parked by the delivery limit).
 fn x_death_reason(headers: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
@@ -103,8 +118,14 @@ pub fn describe(delivery: &Delivery) -> Parked {
         });
     Parked {
         id,
-        event_name: get(message::ORIGINAL_ROUTING_KEY)
-            .unwrap_or_else(|| delivery.routing_key.to_string()),
+        event_name: get(message::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| {
+            if message::is_group(&delivery.properties) {
+                message::GROUP_TYPE.to_owned()
+            } else {
+                message::event_name_of(&delivery.properties, delivery.routing_key.as_str())
+                    .to_owned()
+            }
+        }),
         reason: get(message::PARK_REASON)
             .or_else(|| x_death_reason(&headers))
             .unwrap_or_else(|| "unknown".into()),
@@ -112,15 +133,12 @@ pub fn describe(delivery: &Delivery) -> Parked {
         parked_at: get(message::PARKED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc)),
-        received_at: get(message::RECEIVED_AT)
-            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
-            .map(|t| t.with_timezone(&Utc))
-            .or_else(|| {
-                delivery
-                    .properties
-                    .timestamp()
-                    .and_then(|t| DateTime::from_timestamp(t as i64, 0))
-            }),
+        received_at: message::received_at(&delivery.properties).or_else(|| {
+            delivery
+                .properties
+                .timestamp()
+                .and_then(|t| DateTime::from_timestamp(t as i64, 0))
+        }),
         attempts: headers.get(message::ATTEMPTS).and_then(|v| v.as_i64()),
         bytes: delivery.data.len(),
         headers,
@@ -337,14 +355,15 @@ pub async fn replay(
         Some(options),
         |delivery| {
             let publisher = publisher.clone();
-            let exchange = names.events_exchange.clone();
+            let names = names.clone();
             async move {
                 let parked = describe(&delivery);
                 let properties = message::replay_properties(&delivery.properties, Utc::now());
+                let (exchange, routing_key) = names.route(&parked.event_name);
                 publisher
                     .publish(
-                        &exchange,
-                        &parked.event_name,
+                        exchange,
+                        routing_key,
                         &delivery.data,
                         properties,
                         Duration::from_secs(5),

@@ -19,7 +19,7 @@ use super::signature::{self, Rejection, SignedHeaders};
 use super::{AppState, MAX_HEADER_BYTES, RelayConfig};
 use crate::broker::PublishError;
 use crate::config::RefusalStatus;
-use crate::message::{self, CatenaHeaders, Producer};
+use crate::message::{CatenaHeaders, EventMeta};
 use crate::metrics::{self, RelayMetrics};
 
 /// The `outcome` label of `catena_relay_requests_total`: a fixed set, so every series exists
@@ -335,18 +335,9 @@ async fn handle(
         None
     };
     let catena = CatenaHeaders::from_lookup(|name| header_str(headers, name));
-    let properties = message::event_properties(&catena, Utc::now(), Producer::Relay);
+    let meta = EventMeta::of_request(&catena, &opened.routing_key, Utc::now());
     let confirm_started = Instant::now();
-    let published = state
-        .publisher
-        .publish(
-            &state.names.events_exchange,
-            &opened.routing_key,
-            &body,
-            properties,
-            config.relay.confirm_timeout,
-        )
-        .await;
+    let published = state.events.publish(meta, Box::new(body)).await;
     match published {
         Ok(()) => {
             state
@@ -379,6 +370,12 @@ fn too_large(max: usize) -> Refusal {
 enum BodyBytes {
     Small(Vec<u8>),
     Large(Buffer),
+}
+
+impl AsRef<[u8]> for BodyBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
 }
 
 impl std::ops::Deref for BodyBytes {

@@ -43,7 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::broker::Publisher;
+use crate::broker::{EventPublisher, GroupSettings, Publisher};
 pub use crate::config::RelayConfig;
 use crate::config::RelayLimits;
 use crate::metrics::{self, RelayMetrics};
@@ -57,8 +57,8 @@ pub const WEBHOOK_PATH: &str = "/webhooks/catena";
 
 struct AppState {
     config: RelayConfig,
-    names: crate::broker::Names,
     publisher: Publisher,
+    events: EventPublisher,
     metrics: RelayMetrics,
     registry: Registry,
     permits: Semaphore,
@@ -93,6 +93,18 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
     );
     let registry = Registry::new();
     let metrics = RelayMetrics::new(&registry);
+    let events = EventPublisher::start(
+        publisher.clone(),
+        names,
+        GroupSettings {
+            lanes: config.relay.publish_channels,
+            max_events: config.relay.group_max_events,
+            max_bytes: config.relay.group_max_bytes,
+            deadline: config.relay.confirm_timeout,
+            producer: crate::message::Producer::Relay,
+        },
+        Some(metrics.group_events.clone()),
+    );
     let limits = config.relay.limits();
     log_limits(&config, limits);
     let secrets = Arc::new(secrets);
@@ -125,7 +137,7 @@ pub async fn start(config: RelayConfig, shutdown: Shutdown) -> std::io::Result<R
         refusals: RefusalLog::default(),
         permits: Semaphore::new(limits.concurrency),
         config,
-        names,
+        events,
         publisher: publisher.clone(),
         registry,
     });

@@ -1,10 +1,16 @@
 //! One batch: decode, apply in one transaction, and decide each message's fate.
 //!
+//! A delivery is one event, or a group of events the relay published together; each event is
+//! an [`Item`] with its own dedup key, its own outcome and, when it fails, its own way to a
+//! retry tier or the parking lot (as a single message: a poison event travels alone). A
+//! delivery is acked once every event it carries is done.
+//!
 //! The happy path is one transaction for the whole batch. When it fails, the failure is
 //! classified: database unreachable -> hold the batch and retry with backoff (no message is at
 //! fault, none is retried or parked); transient -> retry the batch, then isolate; permanent or a
 //! panic -> apply one message per transaction so only the culprit is retried or parked.
 
+use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,10 +21,10 @@ use futures::FutureExt;
 use lapin::message::Delivery;
 
 use super::Outcome;
-use super::reroute::{self, Rerouted};
+use super::reroute::{self, Outgoing, Rerouted};
 use crate::broker::{Names, Publisher};
 use crate::envelope::{self, DecodeError, Event};
-use crate::message::{self, ParkReason};
+use crate::message::{self, EventMeta, ParkReason, Producer};
 use crate::metrics::WorkerMetrics;
 use crate::retry::{next_wait, reconnect_backoff};
 use crate::shutdown::Shutdown;
@@ -50,28 +56,86 @@ pub struct Context {
     pub batch_deadline: Duration,
 }
 
+/// One event of a delivery.
 struct Message<'a> {
-    delivery: &'a Delivery,
+    delivery: usize,
+    source: Source<'a>,
+    body: &'a [u8],
     received_at: Option<DateTime<Utc>>,
     decoded: Result<Event, DecodeError>,
+}
+
+/// Where an event came from, and so how it is rerouted on its own.
+enum Source<'a> {
+    /// A single message (or a group that cannot be unpacked): rerouted as the message it is.
+    Whole(&'a Delivery),
+    /// One entry of a group: rerouted as a single message of its own.
+    Entry(EventMeta<'a>),
+}
+
+/// The events of a batch of deliveries, in order.
+fn unpack(deliveries: &[Delivery]) -> Vec<Message<'_>> {
+    let now = Utc::now();
+    let mut messages = Vec::with_capacity(deliveries.len());
+    for (index, delivery) in deliveries.iter().enumerate() {
+        if !message::is_group(&delivery.properties) {
+            let received_at = message::received_at(&delivery.properties);
+            messages.push(Message {
+                delivery: index,
+                source: Source::Whole(delivery),
+                body: &delivery.data,
+                received_at,
+                decoded: envelope::decode(&delivery.data, received_at.unwrap_or(now)),
+            });
+            continue;
+        }
+        match message::decode_group(&delivery.data) {
+            Ok(entries) => {
+                for entry in entries {
+                    let received_at = entry.meta.received_at;
+                    messages.push(Message {
+                        delivery: index,
+                        body: entry.body,
+                        received_at,
+                        decoded: envelope::decode(entry.body, received_at.unwrap_or(now)),
+                        source: Source::Entry(entry.meta),
+                    });
+                }
+            }
+            Err(error) => messages.push(Message {
+                delivery: index,
+                source: Source::Whole(delivery),
+                body: &delivery.data,
+                received_at: message::received_at(&delivery.properties),
+                decoded: Err(DecodeError::Group(error.to_string())),
+            }),
+        }
+    }
+    messages
+}
+
+impl Message<'_> {
+    /// The event as a message of its own, for a retry tier or the parking lot.
+    fn outgoing(&self) -> Outgoing<'_> {
+        match &self.source {
+            Source::Whole(delivery) => Outgoing {
+                properties: Cow::Borrowed(&delivery.properties),
+                data: &delivery.data,
+                event_name: event_name(self),
+            },
+            Source::Entry(meta) => Outgoing {
+                properties: Cow::Owned(message::event_properties(meta, Producer::Relay)),
+                data: self.body,
+                event_name: event_name(self),
+            },
+        }
+    }
 }
 
 /// Handle a batch of deliveries; returns one disposition per delivery, in order.
 pub async fn process(ctx: &Arc<Context>, deliveries: &[Delivery]) -> Vec<Disposition> {
     let started = Instant::now();
-    let now = Utc::now();
-    let messages: Vec<Message<'_>> = deliveries
-        .iter()
-        .map(|delivery| {
-            let received_at = message::received_at(&delivery.properties);
-            Message {
-                delivery,
-                received_at,
-                decoded: envelope::decode(&delivery.data, received_at.unwrap_or(now)),
-            }
-        })
-        .collect();
-
+    let messages = unpack(deliveries);
     let mut dispositions = vec![Disposition::Ack; messages.len()];
     let mut valid = Vec::with_capacity(messages.len());
     for (i, message) in messages.iter().enumerate() {
@@ -92,7 +156,7 @@ pub async fn process(ctx: &Arc<Context>, deliveries: &[Delivery]) -> Vec<Disposi
                 tracing::warn!(
                     reason = reason.as_str(),
                     %error,
-                    routing_key = %message.delivery.routing_key,
+                    event_name = event_name(message),
                     "parking a message that can never apply"
                 );
                 dispositions[i] = park(ctx, message, reason, &error.to_string()).await;
@@ -106,8 +170,16 @@ pub async fn process(ctx: &Arc<Context>, deliveries: &[Delivery]) -> Vec<Disposi
     ctx.metrics
         .batch_seconds
         .observe(started.elapsed().as_secs_f64());
-    ctx.metrics.batch_size.observe(deliveries.len() as f64);
-    dispositions
+    ctx.metrics.batch_size.observe(messages.len() as f64);
+    // A delivery is done when all its events are; one given back takes the others along
+    // (they come back as duplicates, no-ops).
+    let mut per_delivery = vec![Disposition::Ack; deliveries.len()];
+    for (message, disposition) in messages.iter().zip(dispositions) {
+        if disposition == Disposition::Requeue {
+            per_delivery[message.delivery] = Disposition::Requeue;
+        }
+    }
+    per_delivery
 }
 
 fn event_of<'a>(message: &'a Message<'_>) -> &'a Event {
@@ -117,11 +189,16 @@ fn event_of<'a>(message: &'a Message<'_>) -> &'a Event {
         .expect("only valid messages are applied")
 }
 
-/// The event name to count a message under: its own, else the routing key it came with.
+/// The event name to count a message under: its own, else the one it travelled under.
 fn event_name<'a>(message: &'a Message<'_>) -> &'a str {
-    match &message.decoded {
-        Ok(event) => &event.event_name,
-        Err(_) => message.delivery.routing_key.as_str(),
+    if let Ok(event) = &message.decoded {
+        return &event.event_name;
+    }
+    match &message.source {
+        Source::Entry(meta) => meta.event_type.as_deref().unwrap_or("unknown"),
+        Source::Whole(delivery) => {
+            message::event_name_of(&delivery.properties, delivery.routing_key.as_str())
+        }
     }
 }
 
@@ -131,7 +208,15 @@ async fn park(
     reason: ParkReason,
     detail: &str,
 ) -> Disposition {
-    match reroute::park(&ctx.publisher, &ctx.names, message.delivery, reason, detail).await {
+    match reroute::park(
+        &ctx.publisher,
+        &ctx.names,
+        &message.outgoing(),
+        reason,
+        detail,
+    )
+    .await
+    {
         Ok(()) => {
             ctx.metrics
                 .count_event(event_name(message), Outcome::Parked);
@@ -148,7 +233,7 @@ async fn park(
 /// retry tier (its attempt counter unchanged), then ack. Only if that fails too is it requeued,
 /// after a pause, so a broken publish path cannot spin the consumer.
 async fn defer(ctx: &Context, message: &Message<'_>) -> Disposition {
-    match reroute::defer(&ctx.publisher, &ctx.names, message.delivery).await {
+    match reroute::defer(&ctx.publisher, &ctx.names, &message.outgoing()).await {
         Ok(()) => Disposition::Ack,
         Err(error) => {
             tracing::warn!(%error, "could not defer a message either; it goes back to the queue");
@@ -161,7 +246,7 @@ async fn defer(ctx: &Context, message: &Message<'_>) -> Disposition {
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
 async fn retry(ctx: &Context, message: &Message<'_>, detail: &str) -> Disposition {
-    match reroute::retry_or_park(&ctx.publisher, &ctx.names, message.delivery, detail).await {
+    match reroute::retry_or_park(&ctx.publisher, &ctx.names, &message.outgoing(), detail).await {
         Ok(Rerouted::Retried(queue)) => {
             tracing::info!(queue, detail, "message sent to a retry tier");
             ctx.metrics
@@ -206,7 +291,7 @@ async fn attempt(ctx: &Context, messages: &[Message<'_>], indexes: &[usize]) -> 
             .map(|&i| Incoming {
                 event: event_of(&messages[i]),
                 received_at: messages[i].received_at,
-                body: &messages[i].delivery.data,
+                body: messages[i].body,
             })
             .collect();
         let result = state::apply_batch(&tx, &incoming, &ctx.rules).await?;

@@ -127,6 +127,14 @@ pub(super) async fn consume(
 ) {
     let mut pacing = Reconnect::default();
     while !ctx.shutdown.is_triggered() {
+        // A message that cannot apply is rerouted through the publisher; without it, it could
+        // only go back to the queue (and its good neighbours with it). Consume once it is up.
+        while !ctx.publisher.is_ready() {
+            tokio::select! {
+                _ = ctx.shutdown.wait() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
         let (connection, channel, mut consumer) = match open_consumer(&config, index).await {
             Ok(opened) => opened,
             Err(error) => {

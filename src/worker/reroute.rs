@@ -1,17 +1,27 @@
-//! Sending a message elsewhere: the next retry tier, or the parking lot.
+//! Sending an event elsewhere: the next retry tier, or the parking lot.
 //!
 //! Both are confirmed publishes: the original is acked only after the broker holds the copy,
-//! so a crash in between yields a duplicate (harmless, deduplicated), never a loss.
+//! so a crash in between yields a duplicate (harmless, deduplicated), never a loss. An event
+//! always goes as a single message, also when it arrived inside a group, so a poison event
+//! travels (and is parked, shown and replayed) alone.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use chrono::Utc;
-use lapin::message::Delivery;
+use lapin::BasicProperties;
 
 use crate::broker::{Names, PublishError, Publisher};
 use crate::message::{self, ParkReason};
 
 const CONFIRM_DEADLINE: Duration = Duration::from_secs(5);
+
+/// One event as a message of its own.
+pub struct Outgoing<'a> {
+    pub properties: Cow<'a, BasicProperties>,
+    pub data: &'a [u8],
+    pub event_name: &'a str,
+}
 
 pub enum Rerouted {
     Retried(String),
@@ -22,19 +32,16 @@ pub enum Rerouted {
 pub async fn retry_or_park(
     publisher: &Publisher,
     names: &Names,
-    delivery: &Delivery,
+    event: &Outgoing<'_>,
     detail: &str,
 ) -> Result<Rerouted, PublishError> {
-    let failures = message::attempts(&delivery.properties) + 1;
+    let failures = message::attempts(&event.properties) + 1;
     match names.retry_queue_for(failures) {
         Some(queue) => {
-            let properties = message::retry_properties(
-                &delivery.properties,
-                delivery.routing_key.as_str(),
-                failures,
-            );
+            let properties =
+                message::retry_properties(&event.properties, event.event_name, failures);
             publisher
-                .publish("", &queue, &delivery.data, properties, CONFIRM_DEADLINE)
+                .publish("", &queue, event.data, properties, CONFIRM_DEADLINE)
                 .await?;
             Ok(Rerouted::Retried(queue))
         }
@@ -42,7 +49,7 @@ pub async fn retry_or_park(
             park(
                 publisher,
                 names,
-                delivery,
+                event,
                 ParkReason::RetriesExhausted,
                 detail,
             )
@@ -57,18 +64,18 @@ pub async fn retry_or_park(
 pub async fn defer(
     publisher: &Publisher,
     names: &Names,
-    delivery: &Delivery,
+    event: &Outgoing<'_>,
 ) -> Result<(), PublishError> {
     let Some(queue) = names.retry_queue_for(1) else {
         return Err(PublishError::Unavailable);
     };
     let properties = message::retry_properties(
-        &delivery.properties,
-        delivery.routing_key.as_str(),
-        message::attempts(&delivery.properties),
+        &event.properties,
+        event.event_name,
+        message::attempts(&event.properties),
     );
     publisher
-        .publish("", &queue, &delivery.data, properties, CONFIRM_DEADLINE)
+        .publish("", &queue, event.data, properties, CONFIRM_DEADLINE)
         .await
 }
 
@@ -76,13 +83,13 @@ pub async fn defer(
 pub async fn park(
     publisher: &Publisher,
     names: &Names,
-    delivery: &Delivery,
+    event: &Outgoing<'_>,
     reason: ParkReason,
     detail: &str,
 ) -> Result<(), PublishError> {
     let properties = message::park_properties(
-        &delivery.properties,
-        delivery.routing_key.as_str(),
+        &event.properties,
+        event.event_name,
         reason,
         detail,
         Utc::now(),
@@ -91,7 +98,7 @@ pub async fn park(
         .publish(
             "",
             &names.parked_queue,
-            &delivery.data,
+            event.data,
             properties,
             CONFIRM_DEADLINE,
         )

@@ -17,6 +17,7 @@
 mod helpers;
 
 mod alerts;
+mod broker_contract;
 mod control_plane;
 mod faults;
 mod fuzz;

@@ -19,7 +19,13 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
     let mut p = TestPipeline::builder("parked").start().await;
     let names = p.names.clone();
     let shutdown = Shutdown::new();
-    let publisher = Publisher::start(AMQP_URL, "test parker", names.clone(), 1, shutdown.clone());
+    let publisher = Publisher::start(
+        amqp_url(),
+        "test parker",
+        names.clone(),
+        1,
+        shutdown.clone(),
+    );
     assert!(publisher.wait_ready(Duration::from_secs(10)).await);
 
     // 40 valid events that exhausted their retries (say, during a long outage), 3 malformed.
@@ -53,7 +59,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
     }
     let total = valid.len() + 3;
 
-    let all = parked::list(AMQP_URL, &names, &Filter::default(), 1000)
+    let all = parked::list(amqp_url(), &names, &Filter::default(), 1000)
         .await
         .unwrap();
     assert_eq!(all.len(), total);
@@ -62,7 +68,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         ..Default::default()
     };
     assert_eq!(
-        parked::list(AMQP_URL, &names, &malformed, 1000)
+        parked::list(amqp_url(), &names, &malformed, 1000)
             .await
             .unwrap()
             .len(),
@@ -105,7 +111,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         dry_run: true,
         ..options.clone()
     };
-    let dry = parked::replay(AMQP_URL, &names, &exhausted, &dry_run)
+    let dry = parked::replay(amqp_url(), &names, &exhausted, &dry_run)
         .await
         .unwrap();
     assert_eq!(
@@ -141,7 +147,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         "nothing lost: {applied} applied + {still_parked} parked"
     );
 
-    let report = parked::replay(AMQP_URL, &names, &exhausted, &options)
+    let report = parked::replay(amqp_url(), &names, &exhausted, &options)
         .await
         .unwrap();
     assert_eq!(report.replayed, report.matched);
@@ -159,7 +165,7 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         .await;
     assert!(!refused.status.success());
     assert_eq!(p.parked_len().await, 3);
-    let purged = parked::purge(AMQP_URL, &names, &malformed).await.unwrap();
+    let purged = parked::purge(amqp_url(), &names, &malformed).await.unwrap();
     assert_eq!(purged.purged, 3);
     assert_eq!(p.parked_len().await, 0);
 

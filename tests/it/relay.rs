@@ -43,7 +43,11 @@ async fn accepted_webhooks_land_once_with_body_and_headers() {
     );
     for message in &taken {
         assert_eq!(message.body, body, "the uncompressed body is queued");
-        assert_eq!(message.routing_key, "connection.staled");
+        assert_eq!(
+            message.routing_key, p.names.events_queue,
+            "straight into the queue through the default exchange"
+        );
+        assert_eq!(message.event_name, "connection.staled");
         assert_eq!(message.headers["x-webhook-id"], WEBHOOK_ID);
         assert_eq!(message.headers["x-delivery-attempt"], "1");
         assert_eq!(message.headers["x-schema-version"], "1.0");
@@ -473,7 +477,7 @@ async fn large_and_multi_member_bodies_are_verified_off_thread_and_queued_whole(
     assert_eq!(taken.len(), 3);
     for message in &taken {
         assert_eq!(message.body, large, "the whole body, decompressed");
-        assert_eq!(message.routing_key, "connection.staled");
+        assert_eq!(message.event_name, "connection.staled");
     }
     let metrics = p.relay_metrics().await;
     assert!(
@@ -652,7 +656,7 @@ async fn the_secrets_file_is_reloaded_while_running() {
 /// live one, and a webhook goes through.
 #[tokio::test]
 async fn several_broker_urls_reach_a_live_node() {
-    let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f,{AMQP_URL}");
+    let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url());
     let (relay_nodes, worker_nodes) = (nodes.clone(), nodes);
     let p = TestPipeline::builder("relay_nodes")
         .relay_config(move |config| config.broker.amqp_url = relay_nodes)

@@ -180,7 +180,7 @@ async fn stopped_services_are_started_by_the_front_door() {
     )
     .await;
     blocking("rabbitmqctl", vec!["stop".into()]).await;
-    let addresses = [POSTGRES_ADDR.to_owned(), BROKER_ADDR.to_owned()];
+    let addresses = [POSTGRES_ADDR.to_owned(), broker_addr().to_owned()];
     let started = std::time::Instant::now();
     let result =
         tokio::task::spawn_blocking(move || catena_ingest::local::ensure_services(&addresses))

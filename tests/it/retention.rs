@@ -422,8 +422,11 @@ async fn the_worker_prunes_a_backlog_while_events_keep_applying() {
 #[tokio::test]
 async fn a_worker_refuses_retentions_below_the_replay_horizon() {
     let names = catena_ingest::broker::Names::new(&unique("ret_floor"));
-    let mut config =
-        pipeline::worker_config(AMQP_URL, names, "postgres://postgres@127.0.0.1:5432/unused");
+    let mut config = pipeline::worker_config(
+        amqp_url(),
+        names,
+        "postgres://postgres@127.0.0.1:5432/unused",
+    );
     config.worker.retention.disabled = false;
     config.worker.retention.dedup.keys = Duration::from_secs(10 * 86_400);
     let error = catena_ingest::worker::start(config, Shutdown::new())
@@ -444,7 +447,13 @@ async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
     let mut p = TestPipeline::builder("ret_replay").start().await;
     let names = p.names.clone();
     let shutdown = Shutdown::new();
-    let publisher = Publisher::start(AMQP_URL, "test parker", names.clone(), 1, shutdown.clone());
+    let publisher = Publisher::start(
+        amqp_url(),
+        "test parker",
+        names.clone(),
+        1,
+        shutdown.clone(),
+    );
     assert!(publisher.wait_ready(Duration::from_secs(10)).await);
     let fixtures = fixture_events();
     let (old, recent) = (&fixtures[0], &fixtures[4]);
@@ -473,7 +482,7 @@ async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
     // Default horizon: 21 days of keys, less a day. The dry run already says so.
     let options = ReplayOptions::new(&DedupRetention::default());
     let dry = parked::replay(
-        AMQP_URL,
+        amqp_url(),
         &names,
         &Filter::default(),
         &ReplayOptions {
@@ -506,7 +515,7 @@ async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
     );
     assert_eq!(p.wait_for_applied(1, Duration::from_secs(20)).await, 1);
     assert_eq!(p.parked_len().await, 1, "the old message is still parked");
-    let kept = parked::list(AMQP_URL, &names, &Filter::default(), 10)
+    let kept = parked::list(amqp_url(), &names, &Filter::default(), 10)
         .await
         .unwrap();
     assert_eq!(kept[0].event_name, "invitation.created");
@@ -517,7 +526,7 @@ async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
         ..DedupRetention::default()
     };
     let dry = parked::replay(
-        AMQP_URL,
+        amqp_url(),
         &names,
         &Filter::default(),
         &ReplayOptions {
@@ -535,7 +544,7 @@ async fn parked_replay_leaves_a_message_older_than_the_dedup_keys_parked() {
         .await
     );
     let forced = parked::replay(
-        AMQP_URL,
+        amqp_url(),
         &names,
         &Filter::default(),
         &ReplayOptions {

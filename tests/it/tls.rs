@@ -81,7 +81,7 @@ impl TlsTerminator {
                         return; // a client that refused our certificate
                     };
                     counted.fetch_add(1, Ordering::SeqCst);
-                    let Ok(mut broker) = TcpStream::connect(BROKER_ADDR).await else {
+                    let Ok(mut broker) = TcpStream::connect(broker_addr()).await else {
                         return;
                     };
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;

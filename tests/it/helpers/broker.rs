@@ -11,7 +11,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 
-use super::AMQP_URL;
+use super::amqp_url;
 
 /// The exchange and queue names a prefix (`CATENA_NAME_PREFIX`) derives.
 pub use catena_ingest::broker::Names;
@@ -20,12 +20,17 @@ pub use catena_ingest::broker::Names;
 pub struct Taken {
     pub body: Vec<u8>,
     pub routing_key: String,
+    /// The event name it travels under (`type`, else the shape before's routing key).
+    pub event_name: String,
+    /// Its headers, and its Catena metadata under Catena's header names whichever AMQP field
+    /// carries it.
     pub headers: BTreeMap<String, String>,
+    pub properties: lapin::BasicProperties,
 }
 
 /// Take every message currently in `queue`, waiting up to `settle` for stragglers.
 pub async fn drain(queue: &str, settle: Duration) -> Vec<Taken> {
-    let connection = broker::connect(AMQP_URL, "test drain").await.unwrap();
+    let connection = broker::connect(amqp_url(), "test drain").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + settle;
@@ -38,7 +43,7 @@ pub async fn drain(queue: &str, settle: Duration) -> Vec<Taken> {
             Some(message) => {
                 let delivery = message.delivery;
                 let properties = &delivery.properties;
-                let headers = properties
+                let mut headers: BTreeMap<String, String> = properties
                     .headers()
                     .as_ref()
                     .map(|t| {
@@ -51,10 +56,16 @@ pub async fn drain(queue: &str, settle: Duration) -> Vec<Taken> {
                             .collect()
                     })
                     .unwrap_or_default();
+                for (name, value) in message::meta_of(properties).fields() {
+                    headers.entry(name.to_owned()).or_insert(value);
+                }
                 out.push(Taken {
                     body: delivery.data.clone(),
                     routing_key: delivery.routing_key.to_string(),
+                    event_name: message::event_name_of(properties, delivery.routing_key.as_str())
+                        .to_owned(),
                     headers,
+                    properties: properties.clone(),
                 });
                 delivery.ack(BasicAckOptions::default()).await.unwrap();
             }
@@ -68,7 +79,7 @@ pub async fn drain(queue: &str, settle: Duration) -> Vec<Taken> {
 
 /// Count of messages ready in a queue (declared passively).
 pub async fn queue_len(queue: &str) -> u32 {
-    let connection = broker::connect(AMQP_URL, "test count").await.unwrap();
+    let connection = broker::connect(amqp_url(), "test count").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let q = channel
         .queue_declare(
@@ -102,7 +113,7 @@ impl Drop for TestTopology {
 }
 
 async fn delete_topology(names: &Names) -> Result<(), String> {
-    let connection = broker::connect(AMQP_URL, "test cleanup")
+    let connection = broker::connect(amqp_url(), "test cleanup")
         .await
         .map_err(|e| e.to_string())?;
     let channel = connection
@@ -149,11 +160,8 @@ pub async fn park_directly(
     received_at: chrono::DateTime<chrono::Utc>,
     attempts: u32,
 ) {
-    let catena = message::CatenaHeaders {
-        event_type: Some(event_name),
-        ..Default::default()
-    };
-    let received = message::event_properties(&catena, received_at, message::Producer::Relay);
+    let meta = message::EventMeta::of_request(&Default::default(), event_name, received_at);
+    let received = message::event_properties(&meta, message::Producer::Relay);
     let failed = message::retry_properties(&received, event_name, attempts.saturating_sub(1));
     let parked = message::park_properties(
         &failed,
@@ -177,7 +185,7 @@ pub async fn publish_received_at(
 ) {
     let shutdown = catena_ingest::shutdown::Shutdown::new();
     let publisher = broker::Publisher::start(
-        AMQP_URL,
+        amqp_url(),
         "test late publisher",
         names.clone(),
         1,
@@ -191,12 +199,11 @@ pub async fn publish_received_at(
             async move {
                 let request_id = uuid::Uuid::new_v4().to_string();
                 let catena = message::CatenaHeaders {
-                    event_type: Some(event_name),
                     request_id: Some(&request_id),
                     ..Default::default()
                 };
-                let properties =
-                    message::event_properties(&catena, received_at, message::Producer::Relay);
+                let meta = message::EventMeta::of_request(&catena, event_name, received_at);
+                let properties = message::event_properties(&meta, message::Producer::Relay);
                 publisher
                     .publish(
                         "",

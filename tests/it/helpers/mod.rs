@@ -34,9 +34,27 @@ pub use pipeline::TestPipeline;
 pub use poll::{eventually, wait_until};
 pub use processes::terminate_all;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-/// Where [`proxy::TcpProxy`]s in front of the broker and the database forward to.
-pub const BROKER_ADDR: &str = "127.0.0.1:5672";
+/// The broker every test uses: the machine's RabbitMQ, or `CATENA_TEST_AMQP_URL` (the broker
+/// group of `.ci/run` points it at the RabbitMQ 4 of `scripts/rabbitmq4.sh`).
+pub fn amqp_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        std::env::var("CATENA_TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    })
+}
+
+/// Where [`proxy::TcpProxy`]s in front of the broker forward to: the host and port of
+/// [`amqp_url`].
+pub fn broker_addr() -> &'static str {
+    static ADDR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ADDR.get_or_init(|| {
+        let url = amqp_url();
+        let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let host_port = after_scheme.split('/').next().unwrap_or(after_scheme);
+        host_port.rsplit('@').next().unwrap_or(host_port).to_owned()
+    })
+}
 pub const POSTGRES_ADDR: &str = "127.0.0.1:5432";
 pub const WEBHOOK_ID: &str = "247b2dea-a030-48b7-9a05-ee33c1b6ab0a";
 pub const SECRET: &str = "test-secret-0123456789";
@@ -51,7 +69,7 @@ pub fn secrets() -> String {
 pub fn init_harness() {
     static SERVICES: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let services = SERVICES.get_or_init(|| {
-        catena_ingest::local::ensure_services(&[POSTGRES_ADDR.to_owned(), BROKER_ADDR.to_owned()])
+        catena_ingest::local::ensure_services(&[POSTGRES_ADDR.to_owned(), broker_addr().to_owned()])
     });
     if let Err(line) = services {
         panic!("{line}");

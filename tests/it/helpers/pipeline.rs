@@ -30,7 +30,7 @@ use super::http::{self, Post};
 use super::load::{self, Delivery, Event, SendReport};
 use super::processes::Process;
 use super::proxy::TcpProxy;
-use super::{AMQP_URL, BROKER_ADDR, POSTGRES_ADDR, init_harness, secrets, unique};
+use super::{POSTGRES_ADDR, amqp_url, broker_addr, init_harness, secrets, unique};
 
 /// The binary's broker defaults, with this test's broker and name prefix.
 fn broker_settings(names: &Names, amqp_url: &str) -> BrokerSettings {
@@ -202,7 +202,7 @@ impl<'a> Builder<'a> {
         });
 
         let broker_proxy = if self.relay_via_broker_proxy || self.worker_via_broker_proxy {
-            Some(TcpProxy::start(BROKER_ADDR).await)
+            Some(TcpProxy::start(broker_addr()).await)
         } else {
             None
         };
@@ -215,7 +215,7 @@ impl<'a> Builder<'a> {
             Some(configure) => {
                 let amqp_url = match (&broker_proxy, self.relay_via_broker_proxy) {
                     (Some(proxy), true) => proxy.amqp_url(),
-                    _ => AMQP_URL.to_owned(),
+                    _ => amqp_url().to_owned(),
                 };
                 let mut config = relay_config(names.clone(), &amqp_url, &self.relay_secrets);
                 configure(&mut config);
@@ -368,7 +368,7 @@ impl TestPipeline {
         assert!(self.worker.is_none(), "one in-process worker per pipeline");
         let amqp_url = match (&self.broker_proxy, via_broker_proxy) {
             (Some(proxy), true) => proxy.amqp_url(),
-            _ => AMQP_URL.to_owned(),
+            _ => amqp_url().to_owned(),
         };
         let db = self.db();
         let database_url = match &self.db_proxy {
@@ -494,7 +494,7 @@ impl TestPipeline {
     /// [`worker_config`]).
     pub fn worker_process(&self) -> Process {
         self.cli(&["worker"])
-            .env("AMQP_URL", AMQP_URL)
+            .env("AMQP_URL", amqp_url())
             .env("METRICS_LISTEN", "127.0.0.1:0")
             .env("WORKER_NO_RETENTION", "true")
             .discard_stdout()
@@ -504,7 +504,7 @@ impl TestPipeline {
     /// `listen`, logging at debug (send them somewhere with [`Process::log_to`]).
     pub fn relay_process(&self, listen: &str) -> Process {
         self.cli(&["relay"])
-            .env("AMQP_URL", AMQP_URL)
+            .env("AMQP_URL", amqp_url())
             .env("RELAY_LISTEN", listen)
             .env("CATENA_WEBHOOK_SECRETS", &self.relay_secrets)
             .env("RUST_LOG", "debug")
