@@ -91,7 +91,11 @@ async fn parked_list_show_replay_purge_and_a_killed_replay_loses_nothing() {
         .expect("an accepted invitation is parked");
     let shown = p.cli(&["parked", "show", &accepted.id]).output().await;
     let out = String::from_utf8_lossy(&shown.stdout);
-    assert!(shown.status.success(), "{out}");
+    assert!(
+        shown.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
     assert!(
         out.contains("retries_exhausted") && out.contains("attempts:  5"),
         "{out}"

@@ -482,6 +482,7 @@ impl TestPipeline {
     pub fn cli(&self, args: &[&str]) -> Process {
         let process = Process::new(args, self.leftovers.clone())
             .env("CATENA_NAME_PREFIX", &self.names.prefix)
+            .env("AMQP_URL", amqp_url())
             .env("RUST_LOG", "warn");
         match &self.leftovers.db {
             Some(db) => process.env("DATABASE_URL", &db.url),
@@ -494,7 +495,6 @@ impl TestPipeline {
     /// [`worker_config`]).
     pub fn worker_process(&self) -> Process {
         self.cli(&["worker"])
-            .env("AMQP_URL", amqp_url())
             .env("METRICS_LISTEN", "127.0.0.1:0")
             .env("WORKER_NO_RETENTION", "true")
             .discard_stdout()
@@ -504,7 +504,6 @@ impl TestPipeline {
     /// `listen`, logging at debug (send them somewhere with [`Process::log_to`]).
     pub fn relay_process(&self, listen: &str) -> Process {
         self.cli(&["relay"])
-            .env("AMQP_URL", amqp_url())
             .env("RELAY_LISTEN", listen)
             .env("CATENA_WEBHOOK_SECRETS", &self.relay_secrets)
             .env("RUST_LOG", "debug")
