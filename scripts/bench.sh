@@ -11,18 +11,22 @@
 # and worker run as separate processes, as in production; everything shares the machine's cores.
 #
 # Phases (PHASES, default all of them):
-#   relay  relay alone (HTTP -> gunzip -> HMAC -> publish+confirm; nothing consumes)
+#   relay  relay alone (HTTP -> gunzip -> HMAC -> publish+confirm; nothing consumes), then the
+#          ceiling tool's HTTP front alone (`ceiling http`, 202 without a broker) behind the same wrk
 #   sat    end to end at saturation (wrk -c256, closed loop)
-#   half   end to end at a fixed half of the saturation rate (wrk paced by RATE), or at
-#          HALF_RATE events/s (then without a saturation run first unless PHASES has sat)
-#   drain  backlog drain: BACKLOG events published straight to the broker, then WORKERS
-#          worker processes (default 1)
-#   ceiling  CEILING_PAIRS A/A'/B rounds: the ceiling tool's minimal pipeline (A), the same
-#            patched to publish with our broker contract (A', scripts/ceiling-contract.patch),
-#            then ours (B). `PHASES= CEILING_PAIRS=3` runs only these rounds.
+#   half   end to end at a fixed rate: half of the ceiling's saturation rate of round 1 when
+#          CEILING_PAIRS > 0, and the ceiling at that same rate right before ours (so the
+#          broker's confirm stalls can hit both); else half of our saturation rate, or HALF_RATE
+#   drain  backlog drain: BACKLOG events published straight to the broker (grouped as the relay
+#          groups them), then WORKERS worker processes (default 1)
+#   ceiling  CEILING_PAIRS A/B rounds: the ceiling tool's minimal pipeline as shipped (A), then
+#            ours (B), same wrk, same connections, same duration. `PHASES= CEILING_PAIRS=3`
+#            runs only these rounds.
 # Before the first end-to-end phase, 100k events warm the tables up and get analysed
-# (WARMUP=0 skips that). Phases run in the order relay, sat, half, ceiling, drain. Prints one
-# table; raw output goes to target/bench/<run>/.
+# (WARMUP=0 skips that). Phases run in the order relay, sat, ceiling, half, drain. Prints one
+# table; raw output goes to target/bench/<run>/. AMQP_URL and RABBITMQCTL point it at another
+# broker (scripts/rabbitmq4.sh: AMQP_URL=$(scripts/rabbitmq4.sh url)
+# RABBITMQCTL="scripts/rabbitmq4.sh ctl").
 #
 # The script only starts, waits and prints: `catena-ingest bench` does the measuring. After each
 # phase `bench measure` writes <phase>.phase.json (events, events/s, wrk's HTTP p50/p99,
@@ -46,6 +50,9 @@ OUT=target/bench/$RUN
 mkdir -p "$OUT"
 export CATENA_NAME_PREFIX=$RUN CATENA_WEBHOOK_SECRETS="*=bench-secret-0123456789" SEND_SECRET=bench-secret-0123456789
 export DATABASE_URL=$DB RELAY_LISTEN=127.0.0.1:$RELAY_PORT METRICS_LISTEN=127.0.0.1:$METRICS_PORT RUST_LOG=warn
+export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+# The broker's CLI: `bench wait-empty` and the cleanup list queues through it.
+export RABBITMQCTL=${RABBITMQCTL:-rabbitmqctl}
 
 scripts/setup.sh >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || sudo apt-get install -y -q wrk >/dev/null; }
@@ -59,11 +66,11 @@ cleanup() {
   for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -f "$OUT"/*.corpus
-  rabbitmqctl -q list_queues name 2>/dev/null | while read -r q; do
-    if [[ $q == "$RUN".* ]]; then rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; fi
+  $RABBITMQCTL -q list_queues name 2>/dev/null | while read -r q; do
+    if [[ $q == "$RUN".* ]]; then $RABBITMQCTL -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; fi
   done
   # rabbitmqctl has no delete_exchange command; eval does it.
-  rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$RUN.events\">>), false, <<\"bench\">>)." >/dev/null 2>&1 || true
+  $RABBITMQCTL -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$RUN.events\">>), false, <<\"bench\">>)." >/dev/null 2>&1 || true
   psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS catena_$RUN WITH (FORCE)" postgres >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -112,6 +119,33 @@ warmup() {
 }
 WARMED=0; [ "${WARMUP:-1}" = 0 ] && WARMED=1 # WARMUP=0 skips the warm-up
 
+# The ceiling tool as shipped, built once into target/ceiling.
+CEILING_BIN=$PWD/target/ceiling/release/ceiling
+build_ceiling() {
+  [ -d "$CEILING_DIR" ] || { echo "no ceiling tool at $CEILING_DIR" >&2; exit 1; }
+  (cd "$CEILING_DIR" && CARGO_TARGET_DIR="$(dirname "$(dirname "$CEILING_BIN")")" cargo build --release -q)
+  psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE ceiling" postgres >/dev/null 2>&1 || true
+}
+# ceiling NAME PHASE ROUND [RATE]: the ceiling's minimal pipeline behind wrk (hook.lua, or
+# paced at RATE by scripts/ceiling-hook-paced.lua), CPU snapshots inside its own measuring
+# window (it exits when that ends), measured as PHASE.
+ceiling() {
+  local name=$1 phase=$2 round=$3 rate=${4:-0} args=()
+  AMQP_ADDR=$AMQP_URL PG_DSN=postgres://postgres@127.0.0.1:5432/ceiling \
+    "$CEILING_BIN" pipeline --queue quorum --workers 2 --batch 500 --http 127.0.0.1:18088 \
+    --warmup 3 --duration "$DURATION" >"$OUT/$name.txt" 2>&1 &
+  CEIL=$!
+  for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18088/ && break; sleep 0.1; done
+  RATE=$rate wrk -t1 -c"$CONNECTIONS" -d"$((DURATION + 5))s" -s scripts/ceiling-hook-paced.lua \
+    http://127.0.0.1:18088/hook >"$OUT/$name.wrk.txt" 2>&1 &
+  WRK=$!
+  sleep 4; snapshot "$name.start"; sleep "$((DURATION - 4))"; snapshot "$name.end"
+  wait "$WRK" || true; wait "$CEIL" || true
+  [ "$rate" != 0 ] && args=(--wrk "$OUT/$name.wrk.txt")
+  measure "$name" --phase "$phase" ${round:+--round "$round"} "${args[@]}" --label "${LABEL:-$name}" \
+    --ceiling-output "$OUT/$name.txt" --cpu-since "$OUT/$name.start.cpu.json" --cpu-until "$OUT/$name.end.cpu.json"
+}
+
 echo "run $RUN: ${DURATION}s per phase, wrk -c$CONNECTIONS, backlog $BACKLOG, phases: $PHASES" | tee "$OUT/summary.txt"
 
 if has relay; then
@@ -121,84 +155,64 @@ if has relay; then
   measure relay --phase relay --label "relay alone (HTTP, gunzip, HMAC, publish+confirm)" \
     --wrk "$OUT/relay.wrk.txt" --pid relay="$RELAY" --cpu-since "$OUT/relay.cpu.json"
   stop "$RELAY"
-  rabbitmqctl -q purge_queue "$RUN.events" >/dev/null
+  $RABBITMQCTL -q purge_queue "$RUN.events" >/dev/null
+  build_ceiling
+  "$CEILING_BIN" http --http 127.0.0.1:18089 --warmup 3 --duration "$((DURATION - 4))" \
+    >"$OUT/ceiling-http.txt" 2>&1 &
+  CEIL=$!
+  for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18089/ && break; sleep 0.1; done
+  wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -s "$CEILING_DIR/scripts/hook.lua" http://127.0.0.1:18089/hook >/dev/null 2>&1 &
+  WRK=$!
+  sleep 3; snapshot ceiling-http.start; wait "$CEIL" || true; snapshot ceiling-http.end; wait "$WRK" || true
+  measure ceiling-http --phase ceiling-http --label "ceiling HTTP front alone (ceiling http, no broker)" \
+    --ceiling-output "$OUT/ceiling-http.txt" --cpu-since "$OUT/ceiling-http.start.cpu.json" \
+    --cpu-until "$OUT/ceiling-http.end.cpu.json"
 fi
 
-if has sat || has half; then
+if has sat; then
   start_relay; start_worker
   [ "$WARMED" = 1 ] || { warmup; WARMED=1; }
-  if has sat || [ -z "${HALF_RATE:-}" ]; then
-    corpus sat $((15000 * DURATION))
-    snapshot sat; load sat
-    end_to_end sat --phase sat --label "end to end at saturation (wrk -c$CONNECTIONS)" --cpu-since "$OUT/sat.cpu.json"
-    settle # saturation leaves a backlog, dirty buffers and autovacuum work behind
-  fi
-  if has half; then
-    # HALF_RATE=n: a fixed rate, without a saturation run first
-    HALF=${HALF_RATE:-$($BIN bench rate --fraction 0.5 "$OUT/sat.phase.json")}
-    corpus half $((HALF * DURATION + 1000))
-    snapshot half; load half "$HALF"
-    end_to_end half --phase half --label "end to end at half of saturation ($HALF/s, paced)" --cpu-since "$OUT/half.cpu.json"
-  fi
+  corpus sat $((15000 * DURATION))
+  snapshot sat; load sat
+  end_to_end sat --phase sat --label "end to end at saturation (wrk -c$CONNECTIONS)" --cpu-since "$OUT/sat.cpu.json"
+  settle # saturation leaves a backlog, dirty buffers and autovacuum work behind
   stop "$RELAY"; stop "$WORKER"
 fi
 
-if has ceiling; then
-  # A: the minimal pipeline (one process, HTTP -> confirm -> quorum queue -> batched txn).
-  # B: ours, relay and worker as above. Same wrk, same connections, same duration.
-  [ -d "$CEILING_DIR" ] || { echo "no ceiling tool at $CEILING_DIR" >&2; exit 1; }
-  # A': the same minimal pipeline, patched (scripts/ceiling-contract.patch) to publish the way
-  # architecture.md requires of the relay: through a topic exchange bound `#`, `mandatory`, with
-  # the Catena headers, received_at and three properties, into a queue with a delivery limit and
-  # at-least-once dead-lettering. It isolates what that broker contract costs from our own work.
-  CEILING_BUILD=$PWD/target/ceiling
-  (cd "$CEILING_DIR" && CARGO_TARGET_DIR="$CEILING_BUILD" cargo build --release -q)
-  cp "$CEILING_BUILD/release/ceiling" "$CEILING_BUILD/ceiling-minimal"
-  # Its own target directory: in a shared one, cargo sees the original's sources as older than
-  # the patched binary and does not relink, so both copies would be the patched build.
-  CONTRACT_SRC=$PWD/target/ceiling-contract/src-patched
-  rm -rf "$CONTRACT_SRC" && mkdir -p "$CONTRACT_SRC"
-  cp -r "$CEILING_DIR/Cargo.toml" "$CEILING_DIR/Cargo.lock" "$CEILING_DIR/src" "$CONTRACT_SRC/"
-  if patch -s -p1 -d "$CONTRACT_SRC" <scripts/ceiling-contract.patch &&
-    (cd "$CONTRACT_SRC" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -q); then
-    cp "$CONTRACT_SRC/../target/release/ceiling" "$CEILING_BUILD/ceiling-contract"
-    if cmp -s "$CEILING_BUILD/ceiling-minimal" "$CEILING_BUILD/ceiling-contract"; then
-      echo "the minimal and the contract-shaped ceiling are the same binary; rm -rf target/ceiling*" >&2
-      exit 1
-    fi
-  else
-    echo "SKIPPED contract-shaped ceiling: scripts/ceiling-contract.patch does not apply to $CEILING_DIR" >&2
-    rm -f "$CEILING_BUILD/ceiling-contract"
-  fi
-  psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE ceiling" postgres >/dev/null 2>&1 || true
-  # ceiling VARIANT PAIR PHASE: run one ceiling binary behind wrk, with CPU snapshots inside its
-  # own measuring window (it exits when that ends), and measure it.
-  ceiling() {
-    local name=ceiling-$1.$2
-    AMQP_ADDR=amqp://guest:guest@127.0.0.1:5672/%2f PG_DSN=postgres://postgres@127.0.0.1:5432/ceiling \
-      "$CEILING_BUILD/ceiling-$1" pipeline --queue quorum --workers 2 --batch 500 --http 127.0.0.1:18088 \
-      --warmup 3 --duration "$DURATION" >"$OUT/$name.txt" 2>&1 &
-    CEIL=$!
-    for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18088/ && break; sleep 0.1; done
-    wrk -t1 -c"$CONNECTIONS" -d"$((DURATION + 5))s" -s "$CEILING_DIR/scripts/hook.lua" http://127.0.0.1:18088/hook >/dev/null 2>&1 &
-    WRK=$!
-    sleep 4; snapshot "$name.start"; sleep "$WINDOW"; snapshot "$name.end"
-    wait "$WRK" || true; wait "$CEIL" || true
-    measure "$name" --phase "$3" --round "$2" --ceiling-output "$OUT/$name.txt" \
-      --cpu-since "$OUT/$name.start.cpu.json" --cpu-until "$OUT/$name.end.cpu.json"
-  }
-  WINDOW=$((DURATION - 4))
+if [ "$CEILING_PAIRS" -gt 0 ]; then
+  # A: the minimal pipeline as shipped (one process, HTTP -> confirm -> quorum queue -> batched
+  # txn). B: ours, relay and worker as above. Same wrk, same connections, same duration.
+  build_ceiling
   for pair in $(seq 1 "$CEILING_PAIRS"); do
-    ceiling minimal "$pair" ceiling
-    if [ -x "$CEILING_BUILD/ceiling-contract" ]; then ceiling contract "$pair" ceiling-contract; fi
+    ceiling "ceiling.$pair" ceiling "$pair"
     corpus "pair$pair" $((15000 * DURATION))
     start_relay; start_worker
     [ "$WARMED" = 1 ] || { warmup; WARMED=1; }
     snapshot "pair$pair.start"; load "pair$pair"; snapshot "pair$pair.end"
     end_to_end "pair$pair" --phase pair --round "$pair" \
       --cpu-since "$OUT/pair$pair.start.cpu.json" --cpu-until "$OUT/pair$pair.end.cpu.json"
+    settle
     stop "$RELAY"; stop "$WORKER"
   done
+fi
+
+if has half; then
+  if [ -n "${HALF_RATE:-}" ]; then
+    HALF=$HALF_RATE
+  elif [ "$CEILING_PAIRS" -gt 0 ]; then
+    HALF=$($BIN bench rate --fraction 0.5 "$OUT/ceiling.1.phase.json")
+  else
+    HALF=$($BIN bench rate --fraction 0.5 "$OUT/sat.phase.json")
+  fi
+  if [ "$CEILING_PAIRS" -gt 0 ]; then
+    LABEL="ceiling at the same rate ($HALF/s, paced)" ceiling ceiling-half ceiling-half "" "$HALF"
+  fi
+  start_relay; start_worker
+  [ "$WARMED" = 1 ] || { warmup; WARMED=1; }
+  corpus half $((HALF * DURATION + 1000))
+  snapshot half; load half "$HALF"
+  end_to_end half --phase half --label "end to end at a fixed $HALF/s (paced)" --cpu-since "$OUT/half.cpu.json"
+  stop "$RELAY"; stop "$WORKER"
 fi
 
 # The drain runs last: its million rows leave vacuum and checkpoint work in PostgreSQL that

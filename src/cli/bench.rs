@@ -197,12 +197,24 @@ impl Measure {
             wall_seconds = Some((started - since).as_seconds_f64());
             measure::drain(db, since).await?
         } else if let Some(path) = &self.ceiling_output {
-            let rate = measure::parse_ceiling_output(&read(path)?)
+            let output = read(path)?;
+            let rate = measure::parse_ceiling_output(&output)
                 .with_context(|| format!("in {}", path.display()))?;
             let (Some(before), Some(after)) = (&before, &until) else {
                 bail!("--ceiling-output needs the CPU window: --cpu-since and --cpu-until");
             };
-            Throughput::of_rate(rate, after.seconds_since(before))
+            let throughput = Throughput::of_rate(rate, after.seconds_since(before));
+            end_to_end =
+                measure::parse_ceiling_latency(&output).map(|(p50, p99, max)| report::EndToEnd {
+                    events: throughput.events as i64,
+                    seconds: throughput.seconds,
+                    events_per_second: rate,
+                    lag_ms_p50: p50,
+                    lag_ms_p90: 0.0,
+                    lag_ms_p99: p99,
+                    lag_ms_max: max,
+                });
+            throughput
         } else if let Some(path) = &self.send_report {
             Throughput::of_send(&read_json::<SendReport>(path)?)
         } else if let Some(wrk) = &http {

@@ -24,18 +24,20 @@ use crate::store::{self, DbError};
 pub enum Phase {
     /// The relay alone, nothing consuming.
     Relay,
+    /// The ceiling tool's HTTP front alone (`ceiling http`: 202 without any broker).
+    CeilingHttp,
     /// End to end at saturation.
     Sat,
     /// End to end at a paced rate.
     Half,
+    /// The ceiling's minimal pipeline at the same paced rate.
+    CeilingHalf,
     /// The backlog published straight to the broker.
     Publish,
     /// The backlog drained by the workers.
     Drain,
     /// A ceiling round: the ceiling tool's minimal pipeline.
     Ceiling,
-    /// A ceiling round: the ceiling patched to publish with our broker contract.
-    CeilingContract,
     /// A ceiling round: ours.
     Pair,
 }
@@ -43,7 +45,7 @@ pub enum Phase {
 impl Phase {
     /// Phases that are rounds against the ceiling (their own table), not rows of the main one.
     pub fn is_round(self) -> bool {
-        matches!(self, Phase::Ceiling | Phase::CeilingContract | Phase::Pair)
+        matches!(self, Phase::Ceiling | Phase::Pair)
     }
 }
 
@@ -87,19 +89,38 @@ pub fn parse_wrk_output(output: &str) -> Result<WrkSummary, MeasureError> {
         .map_err(|e| MeasureError::Parse(format!("wrk's summary line {line:?}: {e}")))
 }
 
-/// The throughput the ceiling tool prints (`committed+acked events/s=N`), events per second.
+/// The throughput the ceiling tool prints, events per second: `committed+acked events/s=N` of
+/// its pipeline, or `requests/s=N` of its HTTP front alone.
 pub fn parse_ceiling_output(output: &str) -> Result<f64, MeasureError> {
-    const KEY: &str = "committed+acked events/s=";
-    output
-        .lines()
-        .find_map(|l| {
-            let value = &l[l.find(KEY)? + KEY.len()..];
-            let end = value
-                .find(|c: char| !c.is_ascii_digit() && c != '.')
-                .unwrap_or(value.len());
-            value[..end].parse().ok()
+    ["committed+acked events/s=", "http-only requests/s="]
+        .iter()
+        .find_map(|key| number_after(output, key))
+        .ok_or_else(|| {
+            MeasureError::Parse("no `committed+acked events/s=` in the ceiling's output".into())
         })
-        .ok_or_else(|| MeasureError::Parse(format!("no `{KEY}` in the ceiling's output")))
+}
+
+/// The ceiling pipeline's `publish->committed+acked latency: p50=..ms p99=..ms max=..ms`: its
+/// nearest figure to our receive->commit (it publishes as it receives), in milliseconds.
+pub fn parse_ceiling_latency(output: &str) -> Option<(f64, f64, f64)> {
+    let line = output
+        .lines()
+        .find(|l| l.contains("publish->committed+acked latency"))?;
+    Some((
+        number_after(line, "p50=")?,
+        number_after(line, "p99=")?,
+        number_after(line, "max=")?,
+    ))
+}
+
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let value = &l[l.find(key)? + key.len()..];
+        let end = value
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(value.len());
+        value[..end].parse().ok()
+    })
 }
 
 /// Messages (ready and unacknowledged) in `queue`, from `rabbitmqctl -q list_queues name
@@ -112,10 +133,15 @@ pub fn parse_queue_messages(listing: &str, queue: &str) -> Option<u64> {
     })
 }
 
-/// [`parse_queue_messages`] of a fresh `rabbitmqctl` listing (run on this machine). Unlike a
-/// passive declare, which only counts ready messages, this counts the ones a consumer holds.
+/// [`parse_queue_messages`] of a fresh `rabbitmqctl` listing (run on this machine; `RABBITMQCTL`
+/// names another command line, such as `scripts/rabbitmq4.sh ctl`). Unlike a passive declare,
+/// which only counts ready messages, this counts the ones a consumer holds.
 pub fn queue_messages(queue: &str) -> std::io::Result<Option<u64>> {
-    let output = std::process::Command::new("rabbitmqctl")
+    let ctl = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = ctl.split_whitespace();
+    let program = words.next().unwrap_or("rabbitmqctl");
+    let output = std::process::Command::new(program)
+        .args(words)
         .args(["-q", "list_queues", "name", "messages"])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -383,6 +409,18 @@ Transfer/sec:      1.56MB
 ";
         assert_eq!(parse_ceiling_output(output).unwrap(), 13796.0);
         assert!(parse_ceiling_output("error: connection refused\n").is_err());
+        assert_eq!(
+            parse_ceiling_output("RESULT http-only requests/s=45120\n  cpu ...").unwrap(),
+            45120.0
+        );
+        let with_latency = format!(
+            "{output}  publish->committed+acked latency: p50=8.25ms p99=47.10ms max=494.0ms\n"
+        );
+        assert_eq!(
+            parse_ceiling_latency(&with_latency),
+            Some((8.25, 47.1, 494.0))
+        );
+        assert_eq!(parse_ceiling_latency(output), None);
         let t = Throughput::of_rate(13796.0, 16.0);
         assert_eq!(t.events, 220736);
     }

@@ -37,60 +37,53 @@ pub fn render(phases: &[PhaseReport]) -> String {
     let rounds = rounds(phases);
     if !rounds.is_empty() {
         out.push_str(
-            "\n| pair | ceiling events/s | ceiling, contract-shaped publish | catena-ingest events/s | ratio to ceiling | ratio to contract-shaped |\n\
-             |---|---|---|---|---|---|\n",
+            "\n| round | A: ceiling events/s | B: catena-ingest events/s | B / A |\n\
+             |---|---|---|---|\n",
         );
-        for (round, [ceiling, contract, ours]) in &rounds {
+        for (round, [ceiling, ours]) in &rounds {
             let rate = |p: &Option<&PhaseReport>| p.map(|p| p.events_per_second.round());
-            let (a, c, b) = (rate(ceiling), rate(contract), rate(ours));
-            let ratio = |x: Option<f64>| match (b, x) {
-                (Some(b), Some(x)) if x > 0.0 => format!("{:.2}", b / x),
+            let (a, b) = (rate(ceiling), rate(ours));
+            let ratio = match (b, a) {
+                (Some(b), Some(a)) if a > 0.0 => format!("{:.2}", b / a),
                 _ => dash(),
             };
             let _ = writeln!(
                 out,
-                "| {round} | {} | {} | {} | {} | {} |",
+                "| {round} | {} | {} | {ratio} |",
                 or_dash(a),
-                or_dash(c),
-                or_dash(b),
-                ratio(a),
-                ratio(c)
+                or_dash(b)
             );
         }
         out.push('\n');
         for (round, variants) in &rounds {
-            let names = ["ceiling:", "ceiling, contract-shaped:", "ours:"];
-            for (p, name) in variants.iter().zip(names) {
+            for (p, name) in variants.iter().zip(["A, ceiling:", "B, ours:"]) {
                 if let Some(p) = p {
                     let _ = writeln!(
                         out,
-                        "pair {round} CPU per event, {name:<26}{}",
+                        "round {round} CPU per event, {name:<12}{}",
                         cpu_by_name(p)
                     );
                 }
             }
         }
     }
+    ratios(phases, &mut out);
     footer(phases, &mut out);
     out
 }
 
-/// Each round's (ceiling, contract-shaped ceiling, ours), by round number.
-type Round<'a> = (u32, [Option<&'a PhaseReport>; 3]);
+/// Each round's (ceiling, ours), by round number.
+type Round<'a> = (u32, [Option<&'a PhaseReport>; 2]);
 
 fn rounds(phases: &[PhaseReport]) -> Vec<Round<'_>> {
     let mut rounds: Vec<Round<'_>> = Vec::new();
     for p in phases.iter().filter(|p| p.phase.is_round()) {
         let round = p.round.unwrap_or(0);
-        let slot = match p.phase {
-            Phase::Ceiling => 0,
-            Phase::CeilingContract => 1,
-            _ => 2,
-        };
+        let slot = usize::from(p.phase != Phase::Ceiling);
         match rounds.iter_mut().find(|(r, _)| *r == round) {
             Some((_, variants)) => variants[slot] = Some(p),
             None => {
-                let mut variants = [None; 3];
+                let mut variants = [None; 2];
                 variants[slot] = Some(p);
                 rounds.push((round, variants));
             }
@@ -98,6 +91,40 @@ fn rounds(phases: &[PhaseReport]) -> Vec<Round<'_>> {
     }
     rounds.sort_by_key(|(r, _)| *r);
     rounds
+}
+
+/// The same-run comparisons the targets are stated in: the relay against the ceiling's HTTP
+/// front, and both pipelines at the same paced rate.
+fn ratios(phases: &[PhaseReport], out: &mut String) {
+    let find = |phase: Phase| phases.iter().find(|p| p.phase == phase);
+    if let (Some(relay), Some(front)) = (find(Phase::Relay), find(Phase::CeilingHttp)) {
+        let _ = writeln!(
+            out,
+            "\nrelay alone / ceiling HTTP front: {:.0} / {:.0} = {:.2}",
+            relay.events_per_second,
+            front.events_per_second,
+            relay.events_per_second / front.events_per_second.max(1e-9)
+        );
+    }
+    if let (Some(ours), Some(ceiling)) = (find(Phase::Half), find(Phase::CeilingHalf)) {
+        let p99 = |p: &PhaseReport| {
+            (
+                p.http
+                    .as_ref()
+                    .map_or(dash(), |h| format!("{:.1}", h.p99_ms)),
+                p.end_to_end
+                    .as_ref()
+                    .map_or(dash(), |e| format!("{:.1}", e.lag_ms_p99)),
+            )
+        };
+        let ((ours_http, ours_commit), (their_http, their_commit)) = (p99(ours), p99(ceiling));
+        let _ = writeln!(
+            out,
+            "\nat {:.0}/s, both paced: HTTP p99 ours {ours_http} ms, ceiling {their_http} ms; \
+             receive->commit p99 ours {ours_commit} ms, ceiling (publish->commit) {their_commit} ms",
+            ours.events_per_second
+        );
+    }
 }
 
 /// `beam.smp 50 us, catena-ingest 65 us, postgres 40 us`: every name above [`MIN_CPU_US`].
@@ -268,33 +295,58 @@ mod tests {
         drain.processes = [("worker".into(), process(4, Some(30.0), Some(41.5)))].into();
         let mut a1 = phase(Phase::Ceiling, Some(1), "", 13796.0);
         a1.cpu_by_name = names(&[("beam.smp", 50.2), ("ceiling-minima", 36.0), ("sshd", 0.4)]);
-        let mut c1 = phase(Phase::CeilingContract, Some(1), "", 9575.0);
-        c1.cpu_by_name = names(&[("beam.smp", 80.0), ("postgres", 31.0)]);
+        let mut front = phase(
+            Phase::CeilingHttp,
+            None,
+            "ceiling HTTP front alone",
+            40000.0,
+        );
+        front.http = http(5.0, 9.0);
+        let mut ceiling_half = phase(Phase::CeilingHalf, None, "ceiling at half", 4831.0);
+        ceiling_half.http = http(2.0, 40.0);
+        ceiling_half.end_to_end = lag(8.0, 47.1);
         let mut b1 = phase(Phase::Pair, Some(1), "", 9571.4);
         b1.cpu_by_name = names(&[("beam.smp", 80.0), ("catena-ingest", 65.0)]);
         let a2 = phase(Phase::Ceiling, Some(2), "", 15101.0);
         let b2 = phase(Phase::Pair, Some(2), "", 9137.0);
         // Any order: the rendering sorts.
-        let phases = [b2, drain, c1, sat, a2, publish, half, a1, relay, b1];
+        let phases = [
+            b2,
+            drain,
+            ceiling_half,
+            sat,
+            a2,
+            publish,
+            half,
+            a1,
+            relay,
+            front,
+            b1,
+        ];
         let expected = "\
 | phase | events/s | HTTP p50 ms | HTTP p99 ms | receive->commit p50 ms | p99 ms |
 |---|---|---|---|---|---|
 | relay alone | 17941 | 13.5 | 26.8 | - | - |
+| ceiling HTTP front alone | 40000 | 5.0 | 9.0 | - | - |
 | end to end at saturation (wrk -c256) | 9672 | 23.9 | 53.6 | 143.0 | 359.0 |
 | end to end at half (4836/s, paced) | 4829 | 3.6 | 128.7 | 11.0 | 96.5 |
+| ceiling at half | 4831 | 2.0 | 40.0 | 8.0 | 47.1 |
 | backlog publish | 22184 | - | - | - | - |
 | backlog drain (70 s) | 14670 | - | - | - | - |
 
-| pair | ceiling events/s | ceiling, contract-shaped publish | catena-ingest events/s | ratio to ceiling | ratio to contract-shaped |
-|---|---|---|---|---|---|
-| 1 | 13796 | 9575 | 9571 | 0.69 | 1.00 |
-| 2 | 15101 | - | 9137 | 0.61 | - |
+| round | A: ceiling events/s | B: catena-ingest events/s | B / A |
+|---|---|---|---|
+| 1 | 13796 | 9571 | 0.69 |
+| 2 | 15101 | 9137 | 0.61 |
 
-pair 1 CPU per event, ceiling:                  beam.smp 50 us, ceiling-minima 36 us
-pair 1 CPU per event, ceiling, contract-shaped: beam.smp 80 us, postgres 31 us
-pair 1 CPU per event, ours:                     beam.smp 80 us, catena-ingest 65 us
-pair 2 CPU per event, ceiling:                  
-pair 2 CPU per event, ours:                     
+round 1 CPU per event, A, ceiling: beam.smp 50 us, ceiling-minima 36 us
+round 1 CPU per event, B, ours:    beam.smp 80 us, catena-ingest 65 us
+round 2 CPU per event, A, ceiling: 
+round 2 CPU per event, B, ours:    
+
+relay alone / ceiling HTTP front: 17941 / 40000 = 0.45
+
+at 4829/s, both paced: HTTP p99 ours 128.7 ms, ceiling 40.0 ms; receive->commit p99 ours 96.5 ms, ceiling (publish->commit) 47.1 ms
 
 peak RSS MiB: relay 36.1 (alone: 35.6), worker 39.7 (drain: 41.5)
 CPU per event: relay alone 34 us; at saturation relay 41 us, worker 21 us
