@@ -463,11 +463,12 @@ pub struct WorkerSettings {
     #[arg(long, env = "WORKER_CONSUMERS", default_value_t = 1)]
     pub consumers: usize,
 
-    /// Unacked messages the broker may push to each consumer.
+    /// Unacked messages the broker may push to each consumer (a group message counts once,
+    /// whatever it carries: at most RELAY_GROUP_MAX_EVENTS events).
     #[arg(long, env = "WORKER_PREFETCH", default_value_t = 1000)]
     pub prefetch: u16,
 
-    /// Most messages applied in one transaction.
+    /// Most events applied in one transaction (a batch closes at the message that reaches it).
     #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     pub batch_size: usize,
 

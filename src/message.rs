@@ -432,6 +432,32 @@ pub fn encode_group<'a>(
     out
 }
 
+/// How many events a message carries: 1, or a group's entry count (read from the length
+/// prefixes alone; a broken group counts as the 1 message it will be parked as).
+pub fn events_in(properties: &BasicProperties, body: &[u8]) -> usize {
+    if !is_group(properties) {
+        return 1;
+    }
+    let Some(mut rest) = body.strip_prefix(GROUP_MAGIC) else {
+        return 1;
+    };
+    let mut entries = 0;
+    while !rest.is_empty() {
+        for _ in 0..2 {
+            let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+                return entries.max(1);
+            };
+            let len = u32::from_be_bytes(*len) as usize;
+            let Some(tail) = tail.get(len..) else {
+                return entries.max(1);
+            };
+            rest = tail;
+        }
+        entries += 1;
+    }
+    entries.max(1)
+}
+
 /// The entries of a group body, borrowing from it.
 pub fn decode_group(body: &[u8]) -> Result<Vec<GroupEntry<'_>>, GroupError> {
     let rest = body.strip_prefix(GROUP_MAGIC).ok_or(GroupError::Magic)?;
@@ -768,6 +794,13 @@ mod tests {
         }
         let p = group_properties(now, Producer::Relay);
         assert!(is_group(&p));
+        assert_eq!(events_in(&p, &body), 2);
+        assert_eq!(
+            events_in(&p, &body[..body.len() - 3]),
+            1,
+            "broken: one message"
+        );
+        assert_eq!(events_in(&BasicProperties::default(), &body), 1);
         assert!(!is_group(&event_properties(&first, Producer::Relay)));
     }
 

@@ -13,9 +13,9 @@ use lapin::{Channel, Connection, Consumer};
 
 use super::batch::{self, Context, Disposition};
 use super::{Health, WorkerConfig};
-use crate::broker;
 use crate::retry::Reconnect;
 use crate::shutdown::Shutdown;
+use crate::{broker, message};
 
 async fn open_consumer(
     config: &WorkerConfig,
@@ -63,10 +63,12 @@ async fn gather(consumer: &mut Consumer, config: &WorkerConfig, shutdown: &Shutd
             None => return Gathered::Broken,
         },
     };
+    // The batch size counts events: a group message carries many.
+    let mut events = message::events_in(&first.properties, &first.data);
     let mut batch = Vec::with_capacity(config.worker.batch_size.min(1024));
     batch.push(first);
     let deadline = tokio::time::Instant::now() + config.worker.batch_wait;
-    while batch.len() < config.worker.batch_size {
+    while events < config.worker.batch_size {
         // Take what is already buffered without waiting; then wait up to the deadline.
         let next = match consumer.next().now_or_never() {
             Some(next) => next,
@@ -77,7 +79,10 @@ async fn gather(consumer: &mut Consumer, config: &WorkerConfig, shutdown: &Shutd
             },
         };
         match next {
-            Some(Ok(delivery)) => batch.push(delivery),
+            Some(Ok(delivery)) => {
+                events += message::events_in(&delivery.properties, &delivery.data);
+                batch.push(delivery);
+            }
             _ => break,
         }
     }
