@@ -19,6 +19,7 @@ mod helpers;
 mod alerts;
 mod broker_contract;
 mod control_plane;
+mod failover;
 mod faults;
 mod fuzz;
 mod operate;
