@@ -25,7 +25,12 @@ pg_isready -h 127.0.0.1 -p 5432
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   echo "starting RabbitMQ"
   as_root rabbitmq-server -detached
-  sleep 2
 fi
+# await_startup waits for the boot, but fails at once while the node's Erlang VM is not up yet
+# (a loaded machine takes more than a moment): retry until the CLI reaches the node.
+for _ in $(seq 1 60); do
+  rabbitmqctl -q await_startup --timeout 120 >/dev/null 2>&1 && break
+  sleep 1
+done
 rabbitmqctl -q await_startup --timeout 120
 echo "RabbitMQ up: $(rabbitmqctl -q version 2>/dev/null || echo '?')"
