@@ -610,7 +610,7 @@ async fn the_secrets_file_is_reloaded_while_running() {
     assert_eq!(empty["version"], version_of(b""));
 
     let text = format!("# written by a test\n{}\n", secrets());
-    std::fs::write(&file, &text).unwrap();
+    replace_file(&file, &text);
     let want = version_of(text.as_bytes());
     assert!(
         wait_until(Duration::from_secs(5), || async {
@@ -622,7 +622,7 @@ async fn the_secrets_file_is_reloaded_while_running() {
     assert_eq!(p.send(&body).await, 202);
     assert_eq!(get_text(&p.relay_endpoint("/readyz")).await, "ready");
 
-    std::fs::write(&file, "this line has no equals sign\n").unwrap();
+    replace_file(&file, "this line has no equals sign\n");
     assert!(
         wait_until(Duration::from_secs(5), || async {
             metric_value(
@@ -671,4 +671,12 @@ async fn several_broker_urls_reach_a_live_node() {
     }
     assert_eq!(p.wait_for_applied(1, Duration::from_secs(20)).await, 1);
     p.stop().await;
+}
+
+/// Write a secrets file the way `subscriptions sync` does (a new file renamed over the old): a
+/// plain `fs::write` truncates first, and a reload that lands in between reads an empty set.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
