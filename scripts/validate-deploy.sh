@@ -143,6 +143,7 @@ metrics_contract() {
 import json, re, sys, yaml
 HISTOGRAMS = {
     "catena_relay_request_duration_seconds", "catena_relay_publish_confirm_seconds",
+    "catena_relay_group_events",
     "catena_worker_batch_seconds", "catena_worker_batch_size", "catena_worker_event_lag_seconds",
     "catena_retention_sweep_seconds", "catena_onboarding_duration_seconds",
 }
