@@ -14,6 +14,7 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::helpers::http::metric_value;
+use crate::helpers::load::send_once;
 use crate::helpers::*;
 
 /// Requests carried per broker message, from the relay's `catena_relay_group_events`:
@@ -208,14 +209,7 @@ async fn a_returned_group_answers_503_to_every_request_it_carries() {
         .unwrap();
 
     let started = std::time::Instant::now();
-    let mut options = catena_ingest::loadgen::send::SendOptions::new(&p.relay_url(), SECRET);
-    options.delivery.concurrency = 64;
-    options.delivery.retries = 0;
-    let outgoing = in_order(&events)
-        .iter()
-        .map(|d| catena_ingest::loadgen::send::Outgoing::from_delivery(&events, d))
-        .collect();
-    let report = catena_ingest::loadgen::send::send_all(&options, outgoing).await;
+    let report = send_once(&p.relay_url(), &events, 64).await;
     let elapsed = started.elapsed();
     assert_eq!(report.accepted, 0, "{report:?}");
     assert_eq!(
@@ -266,14 +260,7 @@ async fn a_group_without_a_confirm_answers_503_within_the_deadline() {
     );
     p.broker_proxy().black_hole();
     let started = std::time::Instant::now();
-    let mut options = catena_ingest::loadgen::send::SendOptions::new(&p.relay_url(), SECRET);
-    options.delivery.concurrency = 32;
-    options.delivery.retries = 0;
-    let outgoing = in_order(&events)
-        .iter()
-        .map(|d| catena_ingest::loadgen::send::Outgoing::from_delivery(&events, d))
-        .collect();
-    let report = catena_ingest::loadgen::send::send_all(&options, outgoing).await;
+    let report = send_once(&p.relay_url(), &events, 32).await;
     let elapsed = started.elapsed();
     assert_eq!(report.accepted, 0, "{report:?}");
     assert_eq!(

@@ -300,28 +300,11 @@ async fn an_events_queue_with_older_arguments_is_used_as_it_is() {
         publisher.wait_ready(Duration::from_secs(10)).await,
         "ready despite the older queue"
     );
-    for event in &events {
-        let meta = catena_ingest::message::EventMeta::of_request(
-            &Default::default(),
-            &event.event_name,
-            chrono::Utc::now(),
-        );
-        let properties = catena_ingest::message::event_properties(
-            &meta,
-            catena_ingest::message::Producer::LoadGenerator,
-        );
-        let (exchange, routing_key) = p.names.route(&event.event_name);
-        publisher
-            .publish(
-                exchange,
-                routing_key,
-                &event.body(1),
-                properties,
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-    }
+    let bodies: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| (e.event_name.clone(), e.body(1)))
+        .collect();
+    broker::publish_received_at(&p.names, &bodies, chrono::Utc::now()).await;
     shutdown.trigger();
     p.start_worker().await;
     p.assert_converged(events.len(), Duration::from_secs(60))

@@ -27,6 +27,25 @@ async fn blocking(cmd: &'static str, args: Vec<String>) {
     .unwrap();
 }
 
+/// `pg_ctlcluster <newest version> main ACTION` on the machine's own PostgreSQL.
+async fn pg_ctlcluster_main(action: &str) {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .max()
+        .unwrap();
+    blocking(
+        "pg_ctlcluster",
+        vec![
+            "--skip-systemctl-redirect".into(),
+            version,
+            "main".into(),
+            action.into(),
+        ],
+    )
+    .await;
+}
+
 /// Every accepted event is in `webhook_events`, once (the key is the primary key, and the count
 /// of matching rows equals the number of accepted events). Tolerates the database being down
 /// for a while.
@@ -104,21 +123,7 @@ async fn postgres_restart_under_load() {
     let events = scenario(300, 302);
     let load = steady_load(&p.relay_url(), &events, 400.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let version = std::fs::read_dir("/etc/postgresql")
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .max()
-        .unwrap();
-    blocking(
-        "pg_ctlcluster",
-        vec![
-            "--skip-systemctl-redirect".into(),
-            version,
-            "main".into(),
-            "restart".into(),
-        ],
-    )
-    .await;
+    pg_ctlcluster_main("restart").await;
     let report = load.await.unwrap();
     assert_eq!(
         report.failed, 0,
@@ -164,21 +169,7 @@ async fn relay_sigkilled_with_requests_in_flight() {
 #[tokio::test]
 #[ignore = "stops the shared PostgreSQL and RabbitMQ; run alone with --ignored --test-threads 1"]
 async fn stopped_services_are_started_by_the_front_door() {
-    let version = std::fs::read_dir("/etc/postgresql")
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .max()
-        .unwrap();
-    blocking(
-        "pg_ctlcluster",
-        vec![
-            "--skip-systemctl-redirect".into(),
-            version,
-            "main".into(),
-            "stop".into(),
-        ],
-    )
-    .await;
+    pg_ctlcluster_main("stop").await;
     blocking("rabbitmqctl", vec!["stop".into()]).await;
     let addresses = [POSTGRES_ADDR.to_owned(), broker_addr().to_owned()];
     let started = std::time::Instant::now();

@@ -79,7 +79,12 @@ pub async fn drain(queue: &str, settle: Duration) -> Vec<Taken> {
 
 /// Count of messages ready in a queue (declared passively).
 pub async fn queue_len(queue: &str) -> u32 {
-    let connection = broker::connect(amqp_url(), "test count").await.unwrap();
+    queue_len_at(amqp_url(), queue).await
+}
+
+/// [`queue_len`] on the broker (or cluster nodes) at `url`.
+pub async fn queue_len_at(url: &str, queue: &str) -> u32 {
+    let connection = broker::connect(url, "test count").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let q = channel
         .queue_declare(

@@ -142,19 +142,10 @@ impl ControlPlane {
     /// The reconciler as the tests run it: 1 s cycles, ready for 3 s before it acts, short
     /// backoffs; readiness through the proxy, refusals from the relay itself.
     pub fn reconcile_settings(&self) -> ReconcileSettings {
-        ReconcileSettings {
-            once: false,
-            interval: Duration::from_secs(1),
-            healthy_for: Duration::from_secs(3),
-            relay_ready_url: format!("http://{}/readyz", self.proxy.addr),
-            relay_admins: vec![format!("http://{}", self.pipeline.relay_addr())],
-            replay_settle: Duration::from_secs(5),
-            activate_backoff: Duration::from_secs(2),
-            dlq_alert_after: Duration::from_secs(3600),
-            no_activate: false,
-            no_replay: false,
-            metrics_listen: "127.0.0.1:0".into(),
-        }
+        test_reconcile_settings(
+            format!("http://{}/readyz", self.proxy.addr),
+            format!("http://{}", self.pipeline.relay_addr()),
+        )
     }
 
     pub async fn start_reconciler(&self, settings: ReconcileSettings) -> RunningReconciler {
@@ -215,19 +206,10 @@ impl IdleReconciler {
             .await
             .unwrap();
         let catena = fake.catena_settings();
-        let settings = ReconcileSettings {
-            once: false,
-            interval: Duration::from_secs(1),
-            healthy_for: Duration::from_secs(3),
-            relay_ready_url: pipeline.relay_endpoint("/readyz"),
-            relay_admins: vec![format!("http://{}", pipeline.relay_addr())],
-            replay_settle: Duration::from_secs(5),
-            activate_backoff: Duration::from_secs(2),
-            dlq_alert_after: Duration::from_secs(3600),
-            no_activate: false,
-            no_replay: false,
-            metrics_listen: "127.0.0.1:0".into(),
-        };
+        let settings = test_reconcile_settings(
+            pipeline.relay_endpoint("/readyz"),
+            format!("http://{}", pipeline.relay_addr()),
+        );
         let reconciler = reconcile::start(catena, &pipeline.db().url, settings, shutdown.clone())
             .await
             .unwrap();
@@ -249,5 +231,23 @@ impl IdleReconciler {
 impl Drop for IdleReconciler {
     fn drop(&mut self) {
         self.shutdown.trigger();
+    }
+}
+
+/// The reconciler as the tests run it: 1 s cycles, ready for 3 s before it acts, short
+/// backoffs, readiness from `relay_ready_url` and refusals from the relay at `relay_admin`.
+fn test_reconcile_settings(relay_ready_url: String, relay_admin: String) -> ReconcileSettings {
+    ReconcileSettings {
+        once: false,
+        interval: Duration::from_secs(1),
+        healthy_for: Duration::from_secs(3),
+        relay_ready_url,
+        relay_admins: vec![relay_admin],
+        replay_settle: Duration::from_secs(5),
+        activate_backoff: Duration::from_secs(2),
+        dlq_alert_after: Duration::from_secs(3600),
+        no_activate: false,
+        no_replay: false,
+        metrics_listen: "127.0.0.1:0".into(),
     }
 }

@@ -54,6 +54,14 @@ pub async fn send_deliveries(
     send::send_all(&options, outgoing).await
 }
 
+/// Every event once, in order, `concurrency` at a time, with no retry: each answer as the relay
+/// gave it (for tests that count refusals).
+pub async fn send_once(url: &str, events: &[Event], concurrency: usize) -> SendReport {
+    let (mut options, outgoing) = prepare(url, events, &in_order(events), concurrency);
+    options.delivery.retries = 0;
+    send::send_all(&options, outgoing).await
+}
+
 /// [`send_deliveries`] in the background.
 pub fn spawn_deliveries(
     url: &str,
