@@ -16,10 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use catena_ingest::broker;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-
 use crate::helpers::http::http_status;
 use crate::helpers::load::{Event, SendReport, steady_load};
 use crate::helpers::proxy::TcpProxy;
@@ -96,6 +92,22 @@ fn probe(url: String, body: Vec<u8>, stop: Arc<AtomicBool>) -> tokio::task::Join
     })
 }
 
+/// Events the worker applied more than once: its own count of events applied (or ignored, for
+/// names it does not handle) beyond the number of distinct events. A redelivery that the dedup
+/// key catches counts as `duplicate`, not here; `webhook_events` cannot tell (its key is unique).
+fn applied_more_than_once(p: &TestPipeline, events: &[Event]) -> i64 {
+    let metrics = p.worker_registry_text();
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("catena_worker_events_total")
+                && (l.contains("outcome=\"applied\"") || l.contains("outcome=\"ignored\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    counted as i64 - events.len() as i64
+}
+
 /// Send again, as Catena's DLQ replay would, the events Catena gave up on.
 async fn resend_refused(p: &TestPipeline, events: &[Event], report: &SendReport) -> usize {
     let accepted: HashSet<usize> = report.accepted_deliveries.iter().copied().collect();
@@ -153,13 +165,19 @@ impl Cluster {
             .join(",")
     }
 
-    fn leader(&self, queue: &str) -> usize {
-        let node = script("rabbitmq-cluster.sh", &["leader", queue]);
+    /// On a blocking thread: the script may take seconds while a node is down, and the relay
+    /// and worker under test share this runtime (blocking it would stall them, not the broker).
+    async fn leader(&self, queue: &str) -> usize {
+        let queue = queue.to_owned();
+        let node =
+            tokio::task::spawn_blocking(move || script("rabbitmq-cluster.sh", &["leader", &queue]))
+                .await
+                .unwrap();
         node.trim_start_matches("catena")
             .split('@')
             .next()
             .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("leader of {queue}: {node:?}"))
+            .unwrap_or_else(|| panic!("leader: {node:?}"))
     }
 
     /// `(members, online)` of a quorum queue, from the first management API that answers.
@@ -186,26 +204,6 @@ impl Cluster {
         }
         (0, 0)
     }
-
-    async fn queue_len(&self, queue: &str) -> u32 {
-        let connection = broker::connect(&self.amqp_url(), "test count")
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let _ = connection.close(200, "done".into()).await;
-        declared.message_count()
-    }
 }
 
 async fn broker_node_lost(fault: NodeFault, tag: &str, seed: u64) {
@@ -231,7 +229,7 @@ async fn broker_node_lost(fault: NodeFault, tag: &str, seed: u64) {
     let probe = probe(p.relay_url(), events[0].body(1), stop_probe.clone());
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let leader = cluster.leader(&events_queue);
+    let leader = cluster.leader(&events_queue).await;
     let n: &'static str = ["1", "2", "3"][leader - 1];
     let faulted = Instant::now();
     match fault {
@@ -240,7 +238,7 @@ async fn broker_node_lost(fault: NodeFault, tag: &str, seed: u64) {
         NodeFault::CutOff => cluster.proxies[leader - 1].cut(),
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let new_leader = cluster.leader(&events_queue);
+    let new_leader = cluster.leader(&events_queue).await;
     match fault {
         NodeFault::Stop | NodeFault::Kill => {
             assert_ne!(new_leader, leader, "another node leads");
@@ -256,16 +254,15 @@ async fn broker_node_lost(fault: NodeFault, tag: &str, seed: u64) {
     let resent = resend_refused(&p, &events, &report).await;
     p.assert_converged(events.len(), Duration::from_secs(120))
         .await;
-    let parked = cluster.queue_len(&p.names.parked_queue).await;
+    let parked =
+        crate::helpers::broker::queue_len_at(&cluster.amqp_url(), &p.names.parked_queue).await;
     let members = eventually(
         Duration::from_secs(90),
         || cluster.members(&events_queue),
         |(members, online)| *members == 3 && *online == 3,
     )
     .await;
-    let doubled = p
-        .count("SELECT count(*) - count(DISTINCT event_id) FROM webhook_events")
-        .await;
+    let doubled = applied_more_than_once(&p, &events);
     eprintln!(
         "FAILOVER broker {fault:?} of leader catena{leader} (new leader catena{new_leader}): \
          node back after {back:?}; probe: {} failures over {:?}, slowest failure {:?}; load: \
@@ -424,14 +421,7 @@ async fn primary_failover(fault: PrimaryFault, tag: &str, seed: u64) {
         .await
         .unwrap()
         .get(0);
-    let doubled: i64 = client
-        .query_one(
-            "SELECT count(*) - count(DISTINCT event_id) FROM webhook_events",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let doubled = applied_more_than_once(&p, &events);
     let parked = p.parked_len().await;
     eprintln!(
         "FAILOVER postgres {fault:?}: not-ready seen {not_ready}, promotion -> first commit \
