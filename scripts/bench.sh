@@ -79,6 +79,9 @@ wait_http() { for _ in $(seq 1 100); do curl -sf "$1" >/dev/null && return 0; sl
 start_relay() { $BIN relay >"$OUT/relay.log" 2>&1 & RELAY=$!; pids+=("$RELAY"); wait_http "http://127.0.0.1:$RELAY_PORT/readyz"; }
 start_worker() { $BIN worker --no-migrate >"$OUT/worker.log" 2>&1 & WORKER=$!; pids+=("$WORKER"); wait_http "http://127.0.0.1:$METRICS_PORT/readyz"; }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# scrape NAME: the worker's metrics now (its catena_worker_stage_seconds_total says where each
+# event's time went), in $OUT/NAME.worker.metrics.
+scrape() { curl -sf "http://127.0.0.1:${2:-$METRICS_PORT}/metrics" >"$OUT/$1.worker.metrics" || true; }
 
 # corpus NAME COUNT: signed requests for one phase (signatures are valid for 5 minutes).
 corpus() { $BIN send --url "http://127.0.0.1:$RELAY_PORT" --count "$2" --wrk-corpus "$OUT/$1.corpus" 2>/dev/null; }
@@ -176,7 +179,7 @@ if has sat; then
   snapshot sat; load sat
   end_to_end sat --phase sat --label "end to end at saturation (wrk -c$CONNECTIONS)" --cpu-since "$OUT/sat.cpu.json"
   settle # saturation leaves a backlog, dirty buffers and autovacuum work behind
-  stop "$RELAY"; stop "$WORKER"
+  scrape sat; stop "$RELAY"; stop "$WORKER"
 fi
 
 if [ "$CEILING_PAIRS" -gt 0 ]; then
@@ -192,7 +195,7 @@ if [ "$CEILING_PAIRS" -gt 0 ]; then
     end_to_end "pair$pair" --phase pair --round "$pair" \
       --cpu-since "$OUT/pair$pair.start.cpu.json" --cpu-until "$OUT/pair$pair.end.cpu.json"
     settle
-    stop "$RELAY"; stop "$WORKER"
+    scrape "pair$pair"; stop "$RELAY"; stop "$WORKER"
   done
 fi
 
@@ -212,7 +215,7 @@ if has half; then
   corpus half $((HALF * DURATION + 1000))
   snapshot half; load half "$HALF"
   end_to_end half --phase half --label "end to end at a fixed $HALF/s (paced)" --cpu-since "$OUT/half.cpu.json"
-  stop "$RELAY"; stop "$WORKER"
+  scrape half; stop "$RELAY"; stop "$WORKER"
 fi
 
 # The drain runs last: its million rows leave vacuum and checkpoint work in PostgreSQL that
@@ -232,7 +235,7 @@ if has drain; then
   $BIN bench wait-empty
   measure drain --phase drain --label "backlog drain of $BACKLOG events, ${WORKERS:-1} worker process(es) ({seconds} s)" \
     --processed-since "$DRAIN_START" "${workers[@]}" --cpu-since "$OUT/drain.cpu.json"
-  stop "$WORKER"
+  scrape drain; stop "$WORKER"
   for p in "${extra[@]:-}"; do [ -n "$p" ] && stop "$p"; done
 fi
 

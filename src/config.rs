@@ -472,6 +472,14 @@ pub struct WorkerSettings {
     #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     pub batch_size: usize,
 
+    /// Concurrent transactions one batch may be split into: parts that share no entity (a fleet
+    /// and everything hanging off it), so PostgreSQL works on each on its own backend without
+    /// lock waits between them, then one more for the back-fills that cross entities. A part
+    /// has at least 32 events. 1 (no splitting) is fastest on a 2-core box that PostgreSQL
+    /// shares (README, "Defaults"); raise it when PostgreSQL has cores to spare.
+    #[arg(long, env = "WORKER_TRANSACTIONS_PER_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    pub transactions_per_batch: usize,
+
     /// After the first message of a batch, how long to wait for more before committing.
     #[arg(long, env = "WORKER_BATCH_WAIT", default_value = "2ms", value_parser = parse_duration)]
     pub batch_wait: Duration,

@@ -207,6 +207,7 @@ pub struct WorkerMetrics {
     pub dedup_keys: IntCounterVec,
     pub batch_seconds: Histogram,
     pub batch_size: Histogram,
+    pub stage_seconds: prometheus::CounterVec,
     pub event_lag: Histogram,
     pub inflight: IntGauge,
     pub ready: IntGauge,
@@ -227,7 +228,75 @@ pub struct WorkerMetrics {
     pub notifications: IntCounterVec,
 }
 
+/// The stages of a batch, for `catena_worker_stage_seconds_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Waiting for the first delivery of a batch (nothing to do).
+    Idle,
+    /// From the first delivery until the batch is full or its wait is over.
+    Gather,
+    /// Unpacking groups and decoding envelopes.
+    Decode,
+    /// Waiting for a pooled database connection.
+    Connect,
+    Begin,
+    /// The entity advisory locks (waits here are other batches holding them).
+    Lock,
+    /// The dedup-key insert.
+    Dedup,
+    /// The state upserts, in one pipelined flight.
+    Write,
+    /// Alert reconciliation, the second flight.
+    Alerts,
+    Commit,
+    /// The back-fills of a batch split into parts, in a transaction of their own.
+    Backfill,
+    /// Acking the batch to the broker.
+    Settle,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 12] = [
+        Stage::Idle,
+        Stage::Gather,
+        Stage::Decode,
+        Stage::Connect,
+        Stage::Begin,
+        Stage::Lock,
+        Stage::Dedup,
+        Stage::Write,
+        Stage::Alerts,
+        Stage::Commit,
+        Stage::Backfill,
+        Stage::Settle,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Idle => "idle",
+            Stage::Gather => "gather",
+            Stage::Decode => "decode",
+            Stage::Connect => "connect",
+            Stage::Begin => "begin",
+            Stage::Lock => "lock",
+            Stage::Dedup => "dedup",
+            Stage::Write => "write",
+            Stage::Alerts => "alerts",
+            Stage::Commit => "commit",
+            Stage::Backfill => "backfill",
+            Stage::Settle => "settle",
+        }
+    }
+}
+
 impl WorkerMetrics {
+    /// Add `elapsed` to the time spent in `stage`.
+    pub fn stage(&self, stage: Stage, elapsed: std::time::Duration) {
+        self.stage_seconds
+            .with_label_values(&[stage.as_str()])
+            .inc_by(elapsed.as_secs_f64());
+    }
+
     pub fn new(registry: &Registry) -> Self {
         Self {
             events: register(
@@ -269,6 +338,23 @@ impl WorkerMetrics {
                 )
                 .unwrap(),
             ),
+            stage_seconds: {
+                let stages = register(
+                    registry,
+                    prometheus::CounterVec::new(
+                        Opts::new(
+                            "catena_worker_stage_seconds_total",
+                            "Wall time the consumers spent in each stage of a batch (idle, gather, decode, connect, begin, lock, dedup, write, alerts, commit, backfill, settle; the database stages summed over a batch's concurrent parts): divided by events, where an event's time goes",
+                        ),
+                        &["stage"],
+                    )
+                    .unwrap(),
+                );
+                for stage in Stage::ALL {
+                    stages.with_label_values(&[stage.as_str()]);
+                }
+                stages
+            },
             batch_size: register(
                 registry,
                 Histogram::with_opts(

@@ -141,6 +141,8 @@ pub async fn deliver_pending(
     let rows = tx.query(CLAIM, &[&batch]).await?;
     let started = std::time::Instant::now();
     let mut handled = 0;
+    // Rows delivered to every sink, by the sinks they list (nearly always one list).
+    let mut finished: Vec<(Vec<String>, Vec<i64>)> = Vec::new();
     for row in &rows {
         // Slow sinks must not keep this transaction open past the role's
         // idle_in_transaction_session_timeout: rows not reached stay due for the next round.
@@ -184,11 +186,11 @@ pub async fn deliver_pending(
             .iter()
             .all(|s| delivered.iter().any(|d| d == s.name()));
         if done {
-            tx.execute(
-                "UPDATE alert_outbox SET delivered_at = now(), delivered_sinks = $2, attempts = attempts + 1 WHERE id = $1",
-                &[&id, &delivered],
-            )
-            .await?;
+            // Marked together below: one statement per round rather than one per row.
+            match finished.iter_mut().find(|(sinks, _)| *sinks == delivered) {
+                Some((_, ids)) => ids.push(id),
+                None => finished.push((delivered, vec![id])),
+            }
         } else {
             let delay = retry_delay(attempts as u32 + 1);
             tx.execute(
@@ -198,6 +200,17 @@ pub async fn deliver_pending(
                 &[&id, &delivered, &last_error, &delay.as_secs_f64()],
             )
             .await?;
+        }
+    }
+    if !finished.is_empty() {
+        let mark = tx
+            .prepare_cached(
+                "UPDATE alert_outbox SET delivered_at = now(), delivered_sinks = $2, attempts = attempts + 1
+                 WHERE id = ANY($1)",
+            )
+            .await?;
+        for (delivered, ids) in &finished {
+            tx.execute(&mark, &[ids, delivered]).await?;
         }
     }
     tx.commit().await?;

@@ -31,13 +31,16 @@ use tokio_postgres::types::ToSql;
 use crate::alerts::AlertKind;
 pub use crate::config::Rules;
 use crate::envelope::{Change, Event};
+use crate::metrics::Stage;
 use crate::store::DbError;
 use crate::worker::Outcome;
 use locks::entity_locks;
+pub use locks::partition;
 use plan::{Op, Plan, p};
+use sql::BACKFILL_FLEET_REFS;
 use sql::{
     ALERT_ROWS, ALERT_TIMELINES, ALERTS_REFRESH, DEDUP_INSERT, ENTITY_LOCKS, IGNORED_EVENTS,
-    ONBOARDING_MEASURED,
+    KEYED_PLANS, ONBOARDING_MEASURED,
 };
 
 /// In debug builds, an event with this name panics the handler (see [`apply_batch`]).
@@ -77,6 +80,20 @@ pub struct BatchResult {
     /// Fleets that reached `connected` in this batch: seconds from their invitation (event
     /// times), `None` when the invitation is not known yet.
     pub onboarded: Vec<Option<f64>>,
+    /// Wall time of each database stage of the batch, for `catena_worker_stage_seconds_total`.
+    pub stages: Vec<(Stage, std::time::Duration)>,
+}
+
+/// Where a batch's global back-fills run: the fleets still missing their reference and the
+/// alerts still missing their fleet or details, whatever entity they belong to. They are the
+/// only statements of a batch that read and write rows outside the batch's own entities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backfill {
+    /// In the batch's own transaction (one batch, one transaction).
+    InBatch,
+    /// Left to [`backfill`], run once the batch's parts (see [`partition`]) have committed:
+    /// concurrent parts that each ran them would lock each other's alerts in turn and deadlock.
+    Deferred,
 }
 
 /// Apply a batch inside `tx` (the caller commits). Duplicates, both against earlier batches and
@@ -86,6 +103,31 @@ pub async fn apply_batch(
     batch: &[Incoming<'_>],
     rules: &Rules,
 ) -> Result<BatchResult, DbError> {
+    apply(tx, batch, rules, Backfill::InBatch).await
+}
+
+/// The global back-fills of [`Backfill`] on their own, inside `tx` (the caller commits).
+pub async fn backfill(tx: &Transaction<'_>) -> Result<(), DbError> {
+    tx.batch_execute(KEYED_PLANS).await?;
+    let ops = [
+        Op {
+            sql: BACKFILL_FLEET_REFS,
+            params: Vec::new(),
+        },
+        refresh(Vec::new(), true),
+    ];
+    run(tx, &ops).await?;
+    Ok(())
+}
+
+/// [`apply_batch`], with the global back-fills where `backfill` says.
+pub async fn apply(
+    tx: &Transaction<'_>,
+    batch: &[Incoming<'_>],
+    rules: &Rules,
+    backfill: Backfill,
+) -> Result<BatchResult, DbError> {
+    let in_batch = backfill == Backfill::InBatch;
     // Debug builds only: a way for tests to make the handler panic on one message, to prove a
     // poison message is isolated and parked instead of crash-looping the pool.
     #[cfg(debug_assertions)]
@@ -96,6 +138,13 @@ pub async fn apply_batch(
         applied: vec![Applied::Duplicate; batch.len()],
         alerts_opened: Vec::new(),
         onboarded: Vec::new(),
+        stages: Vec::with_capacity(4),
+    };
+    let mut clock = std::time::Instant::now();
+    let mut lap = |result: &mut BatchResult, stage: Stage| {
+        let now = std::time::Instant::now();
+        result.stages.push((stage, now - clock));
+        clock = now;
     };
     // First occurrence of each key inside the batch; later ones are duplicates.
     let mut first: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
@@ -143,10 +192,14 @@ pub async fn apply_batch(
         .collect();
     locks.sort_unstable();
     locks.dedup();
-    if !locks.is_empty() {
-        let lock = tx.prepare_cached(ENTITY_LOCKS).await?;
-        tx.execute(&lock, &[&locks]).await?;
-    }
+    let lock = tx.prepare_cached(ENTITY_LOCKS).await?;
+    futures::try_join!(tx.batch_execute(KEYED_PLANS), async {
+        match locks.is_empty() {
+            true => Ok(0),
+            false => tx.execute(&lock, &[&locks]).await,
+        }
+    })?;
+    lap(&mut result, Stage::Lock);
     let dedup = tx.prepare_cached(DEDUP_INSERT).await?;
     let fresh: HashSet<String> = tx
         .query(
@@ -159,6 +212,7 @@ pub async fn apply_batch(
         .into_iter()
         .map(|row| row.get::<_, String>(0))
         .collect();
+    lap(&mut result, Stage::Dedup);
 
     let mut plan = Plan::default();
     let mut ignored: Vec<usize> = Vec::new();
@@ -193,6 +247,9 @@ pub async fn apply_batch(
     }
     let subjects = plan.alert_subjects();
     let mut ops = plan.ops(rules);
+    if !in_batch {
+        ops.retain(|op| op.sql != BACKFILL_FLEET_REFS);
+    }
     // The alert episodes of the subjects whose timelines grew are reconciled in a second
     // flight, from their timelines and rows as this flight leaves them; without such subjects
     // the back-fill of incomplete alerts rides along in this one.
@@ -208,11 +265,12 @@ pub async fn apply_batch(
                 params: vec![p(subjects.ids())],
             },
         ]);
-    } else {
-        ops.push(refresh(Vec::new()));
+    } else if in_batch {
+        ops.push(refresh(Vec::new(), true));
     }
     let measured = ops.iter().position(|op| op.sql == ONBOARDING_MEASURED);
     let mut rows = run(tx, &ops).await?;
+    lap(&mut result, Stage::Write);
     if let Some(index) = measured {
         result.onboarded = rows[index].iter().map(|row| row.get(0)).collect();
     }
@@ -222,17 +280,19 @@ pub async fn apply_batch(
         let writes = alerts::reconcile(&subjects, &timelines, &existing);
         result.alerts_opened = writes.paged_kinds();
         let mut ops = writes.ops();
-        ops.push(refresh(subjects.ids()));
+        ops.push(refresh(subjects.ids(), in_batch));
         run(tx, &ops).await?;
+        lap(&mut result, Stage::Alerts);
     }
     Ok(result)
 }
 
-/// The fleet and details of these subjects' alerts, and of every alert still missing them.
-fn refresh(subjects: Vec<uuid::Uuid>) -> Op {
+/// The fleet and details of these subjects' alerts, and (`incomplete`) of every alert still
+/// missing them.
+fn refresh(subjects: Vec<uuid::Uuid>, incomplete: bool) -> Op {
     Op {
         sql: ALERTS_REFRESH,
-        params: vec![p(subjects)],
+        params: vec![p(subjects), p(incomplete)],
     }
 }
 

@@ -273,9 +273,14 @@ RETURNING alert_id";
 /// them (raised before the mapping or the connection's record arrived), from the current rows.
 pub(super) const ALERTS_REFRESH: &str = "
 WITH target AS (
+    -- One index scan per half (alerts_subject; the partial index alerts_incomplete): an OR of
+    -- the two in one WHERE reads every alert.
     SELECT alert_id FROM alerts
-    WHERE kind IN ('connection_stale', 'schedule_deactivated')
-      AND (subject_id = ANY($1::uuid[]) OR fleet_ref IS NULL OR NOT (details ? 'source_name'))
+    WHERE alert_id = ANY (ARRAY(
+            SELECT alert_id FROM alerts WHERE subject_id = ANY($1::uuid[])
+            UNION ALL
+            SELECT alert_id FROM alerts WHERE $2 AND (fleet_ref IS NULL OR NOT (details ? 'source_name'))))
+      AND kind IN ('connection_stale', 'schedule_deactivated')
     ORDER BY alert_id FOR UPDATE
 ), found AS (
     SELECT a.alert_id, COALESCE(c.fleet_id, a.fleet_id) AS fleet_id, COALESCE(f.fleet_ref, a.fleet_ref) AS fleet_ref,
@@ -311,6 +316,17 @@ SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timesta
 ON CONFLICT (event_key) DO NOTHING
 RETURNING event_key";
 
+/// Every statement of a batch is keyed by the batch's own ids, so a sequential scan in one is
+/// always a planner mistake, made when statistics are missing or behind (autovacuum off, or
+/// not caught up after a bulk load): it turns a statement that costs O(batch) into one that
+/// costs O(table), every batch. Bitmap scans go too: unlike plain index scans they never mark
+/// the entries of dead rows, so a partial index such as `alerts_incomplete` that rows leave by
+/// update would be read in full, dead entries and all, until a vacuum. The batch's
+/// transaction rules both out; its statements are written to need neither (no ORs across
+/// indexes).
+pub(super) const KEYED_PLANS: &str =
+    "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off";
+
 /// Takes the advisory locks in array order (the caller sorts them).
 pub(super) const ENTITY_LOCKS: &str =
     "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) WITH ORDINALITY AS l(k, n)";
@@ -336,12 +352,18 @@ SELECT pg_notify('catena_control', webhook_id) FROM updated";
 /// their time from invitation (its `created_at`; NULL when the invitation is not known yet) to
 /// connected (event times), for `catena_onboarding_duration_seconds`.
 pub(super) const ONBOARDING_MEASURED: &str = "
-WITH reached AS (
+WITH batch AS MATERIALIZED (
+    -- Materialised so the fleets are found by key whatever the statistics say: without them the
+    -- planner ANDs in the onboarding_status index, a bitmap of every connected fleet.
+    SELECT fleet_id, invitation_id, onboarding_status, onboarding_at, onboarding_measured
+    FROM fleets WHERE fleet_id = ANY($1::uuid[])
+), reached AS (
     SELECT f.fleet_id,
-           EXTRACT(EPOCH FROM f.onboarding_at - (SELECT min(i.created_at) FROM invitations i
-                WHERE i.invitation_id = f.invitation_id OR i.fleet_id = f.fleet_id))::float8 AS seconds
-    FROM fleets f
-    WHERE f.fleet_id = ANY($1::uuid[]) AND f.onboarding_status = 'connected' AND NOT f.onboarding_measured
+           EXTRACT(EPOCH FROM f.onboarding_at - LEAST(
+                (SELECT min(i.created_at) FROM invitations i WHERE i.invitation_id = f.invitation_id),
+                (SELECT min(i.created_at) FROM invitations i WHERE i.fleet_id = f.fleet_id)))::float8 AS seconds
+    FROM batch f
+    WHERE f.onboarding_status = 'connected' AND NOT f.onboarding_measured
 )
 UPDATE fleets f SET onboarding_measured = true FROM reached r
 WHERE f.fleet_id = r.fleet_id

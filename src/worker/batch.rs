@@ -25,10 +25,10 @@ use super::reroute::{self, Outgoing, Rerouted};
 use crate::broker::{Names, Publisher};
 use crate::envelope::{self, DecodeError, Event};
 use crate::message::{self, EventMeta, ParkReason, Producer};
-use crate::metrics::WorkerMetrics;
+use crate::metrics::{Stage, WorkerMetrics};
 use crate::retry::{next_wait, reconnect_backoff};
 use crate::shutdown::Shutdown;
-use crate::state::{self, Applied, BatchResult, Incoming};
+use crate::state::{self, Applied, Backfill, BatchResult, Incoming};
 use crate::store::{self, DbError, Failure};
 
 /// What to do with a delivery once the batch is through.
@@ -54,6 +54,8 @@ pub struct Context {
     pub database_url: String,
     /// The longest one batch attempt may take.
     pub batch_deadline: Duration,
+    /// How many concurrent transactions one batch may be split into.
+    pub transactions_per_batch: usize,
 }
 
 /// One event of a delivery.
@@ -136,6 +138,7 @@ impl Message<'_> {
 pub async fn process(ctx: &Arc<Context>, deliveries: &[Delivery]) -> Vec<Disposition> {
     let started = Instant::now();
     let messages = unpack(deliveries);
+    ctx.metrics.stage(Stage::Decode, started.elapsed());
     let mut dispositions = vec![Disposition::Ack; messages.len()];
     let mut valid = Vec::with_capacity(messages.len());
     for (i, message) in messages.iter().enumerate() {
@@ -279,13 +282,22 @@ enum Attempt {
 /// One transaction over `indexes`, with panics caught so a poison message cannot kill the loop,
 /// bounded by the batch deadline: on expiry the connection is taken out of the pool and
 /// dropped (a query stuck on a black-holed server would block whoever used it next).
-async fn attempt(ctx: &Context, messages: &[Message<'_>], indexes: &[usize]) -> Attempt {
+async fn attempt(
+    ctx: &Context,
+    messages: &[Message<'_>],
+    indexes: &[usize],
+    backfill: Backfill,
+) -> Attempt {
+    let clock = Instant::now();
     let mut client = match ctx.pool.get().await {
         Ok(client) => client,
         Err(error) => return Attempt::Failed(error.into()),
     };
+    ctx.metrics.stage(Stage::Connect, clock.elapsed());
     let work = async {
+        let clock = Instant::now();
         let tx = client.transaction().await?;
+        ctx.metrics.stage(Stage::Begin, clock.elapsed());
         let incoming: Vec<Incoming<'_>> = indexes
             .iter()
             .map(|&i| Incoming {
@@ -294,8 +306,10 @@ async fn attempt(ctx: &Context, messages: &[Message<'_>], indexes: &[usize]) -> 
                 body: messages[i].body,
             })
             .collect();
-        let result = state::apply_batch(&tx, &incoming, &ctx.rules).await?;
+        let result = state::apply(&tx, &incoming, &ctx.rules, backfill).await?;
+        let clock = Instant::now();
         tx.commit().await?;
+        ctx.metrics.stage(Stage::Commit, clock.elapsed());
         Ok::<_, DbError>(result)
     };
     let outcome =
@@ -338,6 +352,9 @@ fn record_success(
     indexes: &[usize],
     result: &BatchResult,
 ) {
+    for &(stage, elapsed) in &result.stages {
+        ctx.metrics.stage(stage, elapsed);
+    }
     let now = Utc::now();
     for (&i, applied) in indexes.iter().zip(&result.applied) {
         let message = &messages[i];
@@ -371,21 +388,102 @@ async fn classify(ctx: &Context, error: &DbError, strikes: &mut u32) -> Failure 
     }
 }
 
+/// A batch part below this many events is not worth its own transaction (and commit).
+const MIN_PART_EVENTS: usize = 32;
+
+/// Apply the decodable events: in one transaction, or split into parts that share no entity
+/// (see [`state::partition`]), each in its own transaction, concurrently, so PostgreSQL works on
+/// them on as many backends without one waiting for the other's locks; then the global
+/// back-fills the parts left out (see [`Backfill`]).
 async fn apply_valid(
     ctx: &Arc<Context>,
     messages: &[Message<'_>],
     valid: &[usize],
     dispositions: &mut [Disposition],
 ) {
+    let parts = ctx
+        .transactions_per_batch
+        .min(valid.len() / MIN_PART_EVENTS)
+        .max(1);
+    let split: Vec<Vec<usize>> = if parts == 1 {
+        vec![valid.to_vec()]
+    } else {
+        let events: Vec<&Event> = valid.iter().map(|&i| event_of(&messages[i])).collect();
+        state::partition(&events, parts)
+            .into_iter()
+            .map(|part| part.into_iter().map(|k| valid[k]).collect())
+            .collect()
+    };
+    let backfill = match split.len() {
+        1 => Backfill::InBatch,
+        _ => Backfill::Deferred,
+    };
+    let changed = futures::future::join_all(
+        split
+            .iter()
+            .map(|part| apply_part(ctx, messages, part, backfill)),
+    )
+    .await;
+    for (i, disposition) in changed.into_iter().flatten() {
+        dispositions[i] = disposition;
+    }
+    if backfill == Backfill::Deferred {
+        run_backfill(ctx).await;
+    }
+}
+
+/// The global back-fills of a split batch, once its parts are through. They are idempotent and
+/// every batch runs them (in its own transaction when it is not split), so a failure other
+/// than the database being away is left to the next batch.
+async fn run_backfill(ctx: &Context) {
+    let mut unavailable = reconnect_backoff();
+    loop {
+        let started = Instant::now();
+        let work = async {
+            let mut client = ctx.pool.get().await?;
+            let tx = client.transaction().await?;
+            state::backfill(&tx).await?;
+            tx.commit().await?;
+            Ok::<_, DbError>(())
+        };
+        let error = match tokio::time::timeout(ctx.batch_deadline, work).await {
+            Ok(Ok(())) => {
+                ctx.metrics.stage(Stage::Backfill, started.elapsed());
+                return;
+            }
+            Ok(Err(error)) => error,
+            Err(_) => DbError::Deadline(ctx.batch_deadline),
+        };
+        if error.classify() != Failure::Unavailable || ctx.shutdown.is_triggered() {
+            tracing::warn!(%error, "back-fill failed; the next batch runs it again");
+            return;
+        }
+        let wait = next_wait(&mut unavailable);
+        tracing::warn!(%error, retry_in = ?wait, "database unavailable for the back-fill");
+        tokio::select! {
+            _ = ctx.shutdown.wait() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One part in one transaction, with the failure handling of the module docs. Returns the
+/// events whose disposition is not a plain ack.
+async fn apply_part(
+    ctx: &Arc<Context>,
+    messages: &[Message<'_>],
+    valid: &[usize],
+    backfill: Backfill,
+) -> Vec<(usize, Disposition)> {
     let mut unavailable = reconnect_backoff();
     let mut transient_failures = 0;
     let mut strikes = 0;
     loop {
-        match attempt(ctx, messages, valid).await {
+        match attempt(ctx, messages, valid, backfill).await {
             Attempt::Done(result) => {
                 ctx.db_ok.store(true, std::sync::atomic::Ordering::Relaxed);
                 record_success(ctx, messages, valid, &result);
-                return;
+                return Vec::new();
             }
             Attempt::Failed(error) => match classify(ctx, &error, &mut strikes).await {
                 Failure::Unavailable => {
@@ -394,10 +492,7 @@ async fn apply_valid(
                     tracing::warn!(%error, retry_in = ?wait, batch = valid.len(), "database unavailable, holding the batch");
                     tokio::select! {
                         _ = ctx.shutdown.wait() => {
-                            for &i in valid {
-                                dispositions[i] = Disposition::Requeue;
-                            }
-                            return;
+                            return valid.iter().map(|&i| (i, Disposition::Requeue)).collect();
                         }
                         _ = tokio::time::sleep(wait) => {}
                     }
@@ -411,7 +506,7 @@ async fn apply_valid(
                 }
                 _ => {
                     tracing::warn!(%error, batch = valid.len(), "batch failed, applying one by one");
-                    return one_by_one(ctx, messages, valid, dispositions).await;
+                    return one_by_one(ctx, messages, valid, backfill).await;
                 }
             },
             Attempt::Panicked => {
@@ -419,7 +514,7 @@ async fn apply_valid(
                     batch = valid.len(),
                     "handler panicked, isolating the culprit"
                 );
-                return one_by_one(ctx, messages, valid, dispositions).await;
+                return one_by_one(ctx, messages, valid, backfill).await;
             }
         }
     }
@@ -430,48 +525,56 @@ async fn one_by_one(
     ctx: &Arc<Context>,
     messages: &[Message<'_>],
     valid: &[usize],
-    dispositions: &mut [Disposition],
-) {
+    backfill: Backfill,
+) -> Vec<(usize, Disposition)> {
+    let mut changed = Vec::new();
+    let mut settle = |i: usize, disposition: Disposition| {
+        if disposition != Disposition::Ack {
+            changed.push((i, disposition));
+        }
+    };
     for &i in valid {
         let mut unavailable = reconnect_backoff();
         let mut strikes = 0;
         loop {
-            match attempt(ctx, messages, &[i]).await {
+            match attempt(ctx, messages, &[i], backfill).await {
                 Attempt::Done(result) => {
                     ctx.db_ok.store(true, std::sync::atomic::Ordering::Relaxed);
                     record_success(ctx, messages, &[i], &result);
                 }
                 Attempt::Panicked => {
-                    dispositions[i] = park(
+                    let parked = park(
                         ctx,
                         &messages[i],
                         ParkReason::HandlerPanic,
                         "handler panicked",
                     )
                     .await;
+                    settle(i, parked);
                 }
                 Attempt::Failed(error) => match classify(ctx, &error, &mut strikes).await {
                     Failure::Unavailable => {
                         ctx.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
                         let wait = next_wait(&mut unavailable);
                         tokio::select! {
-                            _ = ctx.shutdown.wait() => {
-                                dispositions[i] = Disposition::Requeue;
-                            }
+                            _ = ctx.shutdown.wait() => settle(i, Disposition::Requeue),
                             _ = tokio::time::sleep(wait) => continue,
                         }
                     }
                     Failure::Transient => {
-                        dispositions[i] = retry(ctx, &messages[i], &error.to_string()).await;
+                        settle(i, retry(ctx, &messages[i], &error.to_string()).await);
                     }
                     Failure::Permanent => {
                         tracing::warn!(%error, "database rejected a message, parking it");
-                        dispositions[i] =
-                            park(ctx, &messages[i], ParkReason::Rejected, &error.to_string()).await;
+                        settle(
+                            i,
+                            park(ctx, &messages[i], ParkReason::Rejected, &error.to_string()).await,
+                        );
                     }
                 },
             }
             break;
         }
     }
+    changed
 }

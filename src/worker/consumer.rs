@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -13,6 +13,7 @@ use lapin::{Channel, Connection, Consumer};
 
 use super::batch::{self, Context, Disposition};
 use super::{Health, WorkerConfig};
+use crate::metrics::{Stage, WorkerMetrics};
 use crate::retry::Reconnect;
 use crate::shutdown::Shutdown;
 use crate::{broker, message};
@@ -51,7 +52,13 @@ enum Gathered {
     Broken,
 }
 
-async fn gather(consumer: &mut Consumer, config: &WorkerConfig, shutdown: &Shutdown) -> Gathered {
+async fn gather(
+    consumer: &mut Consumer,
+    config: &WorkerConfig,
+    shutdown: &Shutdown,
+    metrics: &WorkerMetrics,
+) -> Gathered {
+    let idle = Instant::now();
     let first = tokio::select! {
         _ = shutdown.wait() => return Gathered::Shutdown,
         next = consumer.next() => match next {
@@ -63,6 +70,8 @@ async fn gather(consumer: &mut Consumer, config: &WorkerConfig, shutdown: &Shutd
             None => return Gathered::Broken,
         },
     };
+    let gathering = Instant::now();
+    metrics.stage(Stage::Idle, gathering - idle);
     // The batch size counts events: a group message carries many.
     let mut events = message::events_in(&first.properties, &first.data);
     let mut batch = Vec::with_capacity(config.worker.batch_size.min(1024));
@@ -86,6 +95,7 @@ async fn gather(consumer: &mut Consumer, config: &WorkerConfig, shutdown: &Shutd
             _ => break,
         }
     }
+    metrics.stage(Stage::Gather, gathering.elapsed());
     Gathered::Batch(batch)
 }
 
@@ -155,13 +165,15 @@ pub(super) async fn consume(
         health.consuming.fetch_add(1, Ordering::Relaxed);
         tracing::info!(consumer = index, queue = %config.broker.names().events_queue, "consuming");
         loop {
-            let batch = match gather(&mut consumer, &config, &ctx.shutdown).await {
+            let batch = match gather(&mut consumer, &config, &ctx.shutdown, &ctx.metrics).await {
                 Gathered::Batch(batch) => batch,
                 Gathered::Shutdown | Gathered::Broken => break,
             };
             ctx.metrics.inflight.add(batch.len() as i64);
             let dispositions = batch::process(&ctx, &batch).await;
+            let settling = Instant::now();
             let settled = settle(&channel, &batch, &dispositions).await;
+            ctx.metrics.stage(Stage::Settle, settling.elapsed());
             ctx.metrics.inflight.sub(batch.len() as i64);
             if let Err(error) = settled {
                 // Committed but not acked: the broker redelivers and dedup makes it a no-op.

@@ -152,6 +152,7 @@ pub async fn start(config: WorkerConfig, shutdown: Shutdown) -> Result<RunningWo
         rules: settings.rules,
         database_url: config.database.database_url.clone(),
         batch_deadline: settings.batch_deadline,
+        transactions_per_batch: settings.transactions_per_batch,
     });
     let health = Arc::new(Health {
         ctx: ctx.clone(),

@@ -322,6 +322,27 @@ proptest! {
             assert!(problems.is_empty(), "{problems:#?}");
         });
     }
+
+    /// The same, with each batch split as the worker splits it (parts that share no entity and
+    /// no dedup key, committed concurrently, then the back-fills): the state must not depend
+    /// on it, and no two parts may deadlock (a deadlock fails the apply).
+    #[test]
+    fn batches_split_into_concurrent_transactions_converge(seed in 0u64..1_000_000, dup in 0.0f64..0.6, batch in 8usize..120, parts in 2usize..5) {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let events = churn_scenario(8, seed);
+            let reference = TestDb::fresh("split_ref").await;
+            reference.apply_in_order(&events).await;
+            let split = TestDb::fresh("split_mix").await;
+            let deliveries = duplicated_and_shuffled(&events, dup, seed ^ 0x5eed);
+            let bodies: Vec<Vec<u8>> = deliveries.iter().map(|d| events[d.event].body(d.attempt)).collect();
+            let most = split.apply_batches_split(bodies.chunks(batch), parts).await;
+            assert!(most > 1, "batches were split");
+            assert_same_state(&reference.snapshot().await, &split.snapshot().await);
+            let problems = split.outbox_problems().await;
+            assert!(problems.is_empty(), "{problems:#?}");
+        });
+    }
 }
 
 /// Unknown event names are kept with their bodies, and a version that understands them can

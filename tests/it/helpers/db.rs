@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use catena_ingest::envelope::decode;
-use catena_ingest::state::{Applied, Incoming, apply_batch};
+use catena_ingest::state::{Applied, Backfill, Incoming, apply, apply_batch, backfill, partition};
 
 use super::load::Event;
 use super::poll::eventually;
@@ -202,6 +202,53 @@ impl TestDb {
 
     /// Apply each batch of bodies in a transaction of its own, straight through the state layer
     /// (no broker, no worker); returns what became of every event.
+    /// Like [`Self::apply_batches`], but each batch split as the worker splits it
+    /// ([`partition`] into at most `parts`), its parts applied in concurrent transactions on
+    /// their own connections with the back-fills deferred, then the back-fills in one more.
+    /// Returns the most parts a batch had.
+    pub async fn apply_batches_split<'a>(
+        &self,
+        batches: impl IntoIterator<Item = &'a [Vec<u8>]>,
+        parts: usize,
+    ) -> usize {
+        let pool = pool(&self.url, parts + 1).unwrap();
+        let mut most_parts = 0;
+        for bodies in batches {
+            let events: Vec<_> = bodies
+                .iter()
+                .map(|b| decode(b, chrono::Utc::now()).unwrap())
+                .collect();
+            let refs: Vec<_> = events.iter().collect();
+            let split = partition(&refs, parts);
+            most_parts = most_parts.max(split.len());
+            futures::future::join_all(split.iter().map(|part| {
+                let pool = pool.clone();
+                let incoming: Vec<_> = part
+                    .iter()
+                    .map(|&i| Incoming {
+                        event: &events[i],
+                        received_at: None,
+                        body: &bodies[i],
+                    })
+                    .collect();
+                async move {
+                    let mut client = pool.get().await.unwrap();
+                    let tx = client.transaction().await.unwrap();
+                    apply(&tx, &incoming, &Default::default(), Backfill::Deferred)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                }
+            }))
+            .await;
+            let mut client = pool.get().await.unwrap();
+            let tx = client.transaction().await.unwrap();
+            backfill(&tx).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        most_parts
+    }
+
     pub async fn apply_batches<'a>(
         &self,
         batches: impl IntoIterator<Item = &'a [Vec<u8>]>,

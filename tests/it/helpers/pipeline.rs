@@ -146,7 +146,7 @@ impl<'a> Builder<'a> {
     /// An in-process worker with two consumers, so the test also races batches against each
     /// other.
     pub fn worker(self) -> Self {
-        self.worker_config(two_consumers)
+        self.worker_config(racing_batches)
     }
 
     /// An in-process worker from [`worker_config`], changed by `configure` before it starts.
@@ -242,10 +242,11 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// The default in-process worker: two consumers, so the test also races batches against each
-/// other.
-fn two_consumers(config: &mut WorkerConfig) {
+/// The default in-process worker: two consumers, and batches of 64 events or more split in two
+/// concurrent transactions, so the test also races batches and their parts against each other.
+fn racing_batches(config: &mut WorkerConfig) {
     config.worker.consumers = 2;
+    config.worker.transactions_per_batch = 2;
 }
 
 /// One test's pipeline. Fields drop in order: relay and worker stop before the proxies go and
@@ -352,7 +353,8 @@ impl TestPipeline {
     /// Start the default in-process worker ([`Builder::worker`]) now, in a pipeline built
     /// without one.
     pub async fn start_worker(&mut self) {
-        self.start_worker_with(false, Box::new(two_consumers)).await;
+        self.start_worker_with(false, Box::new(racing_batches))
+            .await;
     }
 
     /// Start an in-process worker from [`worker_config`], changed by `configure`, now.
