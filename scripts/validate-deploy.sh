@@ -150,6 +150,7 @@ HISTOGRAMS = {
 PLAIN = {
     "catena_relay_requests_total", "catena_relay_broker_ready", "catena_relay_inflight_requests",
     "catena_worker_events_total", "catena_worker_inflight", "catena_worker_ready",
+    "catena_worker_stage_seconds_total",
     "catena_db_pool_connections", "catena_db_pool_max_connections",
     "catena_alerts_open", "catena_connections", "catena_schedules", "catena_parked_messages",
     "catena_outbox_pending", "catena_alerts_raised_total", "catena_alert_notifications_total",
