@@ -37,10 +37,9 @@ use crate::worker::Outcome;
 use locks::entity_locks;
 pub use locks::partition;
 use plan::{Op, Plan, p};
-use sql::BACKFILL_FLEET_REFS;
 use sql::{
-    ALERT_ROWS, ALERT_TIMELINES, ALERTS_REFRESH, DEDUP_INSERT, ENTITY_LOCKS, IGNORED_EVENTS,
-    KEYED_PLANS, ONBOARDING_MEASURED,
+    ALERT_ROWS, ALERT_TIMELINES, ALERTS_REFRESH, BACKFILL_FLEET_REFS, DEDUP_INSERT, ENTITY_LOCKS,
+    IGNORED_EVENTS, KEYED_PLANS, ONBOARDING_MEASURED,
 };
 
 /// In debug builds, an event with this name panics the handler (see [`apply_batch`]).

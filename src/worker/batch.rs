@@ -433,26 +433,36 @@ async fn apply_valid(
 }
 
 /// The global back-fills of a split batch, once its parts are through. They are idempotent and
-/// every batch runs them (in its own transaction when it is not split), so a failure other
-/// than the database being away is left to the next batch.
+/// every batch with something to apply runs them (inside its own transaction when it is not
+/// split), so a failure other than the database being away is left to the next batch.
 async fn run_backfill(ctx: &Context) {
     let mut unavailable = reconnect_backoff();
     loop {
         let started = Instant::now();
-        let work = async {
-            let mut client = ctx.pool.get().await?;
-            let tx = client.transaction().await?;
-            state::backfill(&tx).await?;
-            tx.commit().await?;
-            Ok::<_, DbError>(())
-        };
-        let error = match tokio::time::timeout(ctx.batch_deadline, work).await {
-            Ok(Ok(())) => {
-                ctx.metrics.stage(Stage::Backfill, started.elapsed());
-                return;
+        let error = match ctx.pool.get().await {
+            Err(error) => error.into(),
+            Ok(mut client) => {
+                let work = async {
+                    let tx = client.transaction().await?;
+                    state::backfill(&tx).await?;
+                    tx.commit().await?;
+                    Ok::<_, DbError>(())
+                };
+                let outcome = tokio::time::timeout(ctx.batch_deadline, work).await;
+                match outcome {
+                    Ok(Ok(())) => {
+                        ctx.metrics.stage(Stage::Backfill, started.elapsed());
+                        return;
+                    }
+                    Ok(Err(error)) => error,
+                    Err(_) => {
+                        // As in `attempt`: a connection with a statement stuck on it must not
+                        // go back to the pool.
+                        drop(deadpool_postgres::Object::take(client));
+                        DbError::Deadline(ctx.batch_deadline)
+                    }
+                }
             }
-            Ok(Err(error)) => error,
-            Err(_) => DbError::Deadline(ctx.batch_deadline),
         };
         if error.classify() != Failure::Unavailable || ctx.shutdown.is_triggered() {
             tracing::warn!(%error, "back-fill failed; the next batch runs it again");
