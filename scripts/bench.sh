@@ -43,6 +43,8 @@ PHASES=${PHASES-relay sat half drain}
 [ "$CEILING_PAIRS" -gt 0 ] && PHASES="$PHASES ceiling"
 RELAY_PORT=${RELAY_PORT:-18180}
 METRICS_PORT=${METRICS_PORT:-19190}
+# The spec checkout's ceiling tool: beside the repository, as in the work tree; a clone made
+# elsewhere sets CEILING_DIR (e.g. CEILING_DIR=/work/shared/tools/ceiling).
 CEILING_DIR=${CEILING_DIR:-../shared/tools/ceiling}
 RUN=bench$(date +%s)
 DB=postgres://postgres@127.0.0.1:5432/catena_$RUN
@@ -54,6 +56,11 @@ export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 # The broker's CLI: `bench wait-empty` and the cleanup list queues through it.
 export RABBITMQCTL=${RABBITMQCTL:-rabbitmqctl}
 
+# Fail before the first phase, not after it, when a phase needs the ceiling tool and it is not there.
+if [[ " $PHASES " == *" relay "* || "$CEILING_PAIRS" -gt 0 ]] && [ ! -d "$CEILING_DIR" ]; then
+  echo "no ceiling tool at $CEILING_DIR (the relay phase and CEILING_PAIRS need it): set CEILING_DIR" >&2
+  exit 1
+fi
 scripts/setup.sh >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || sudo apt-get install -y -q wrk >/dev/null; }
 cargo build --release -q
@@ -125,7 +132,6 @@ WARMED=0; [ "${WARMUP:-1}" = 0 ] && WARMED=1 # WARMUP=0 skips the warm-up
 # The ceiling tool as shipped, built once into target/ceiling.
 CEILING_BIN=$PWD/target/ceiling/release/ceiling
 build_ceiling() {
-  [ -d "$CEILING_DIR" ] || { echo "no ceiling tool at $CEILING_DIR" >&2; exit 1; }
   (cd "$CEILING_DIR" && CARGO_TARGET_DIR="$(dirname "$(dirname "$CEILING_BIN")")" cargo build --release -q)
   psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE ceiling" postgres >/dev/null 2>&1 || true
 }
