@@ -139,12 +139,6 @@ pub async fn apply(
         onboarded: Vec::new(),
         stages: Vec::with_capacity(4),
     };
-    let mut clock = std::time::Instant::now();
-    let mut lap = |result: &mut BatchResult, stage: Stage| {
-        let now = std::time::Instant::now();
-        result.stages.push((stage, now - clock));
-        clock = now;
-    };
     // First occurrence of each key inside the batch; later ones are duplicates.
     let mut first: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
     for (i, incoming) in batch.iter().enumerate() {
@@ -191,6 +185,13 @@ pub async fn apply(
         .collect();
     locks.sort_unstable();
     locks.dedup();
+    // The stages from here on are the database's: the lock stage is waits for other batches.
+    let mut clock = std::time::Instant::now();
+    let mut lap = |result: &mut BatchResult, stage: Stage| {
+        let now = std::time::Instant::now();
+        result.stages.push((stage, now - clock));
+        clock = now;
+    };
     let lock = tx.prepare_cached(ENTITY_LOCKS).await?;
     futures::try_join!(tx.batch_execute(KEYED_PLANS), async {
         match locks.is_empty() {

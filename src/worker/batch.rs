@@ -279,41 +279,61 @@ enum Attempt {
     Panicked,
 }
 
-/// One transaction over `indexes`, with panics caught so a poison message cannot kill the loop,
+/// What one transaction of [`attempt`] does.
+#[derive(Clone, Copy)]
+enum Work<'a> {
+    /// Apply these events (indexes into the batch's messages).
+    Apply {
+        indexes: &'a [usize],
+        backfill: Backfill,
+    },
+    /// Only the global back-fills a split batch deferred ([`state::backfill`]).
+    Backfill,
+}
+
+/// One transaction doing `work`, with panics caught so a poison message cannot kill the loop,
 /// bounded by the batch deadline: on expiry the connection is taken out of the pool and
 /// dropped (a query stuck on a black-holed server would block whoever used it next).
-async fn attempt(
-    ctx: &Context,
-    messages: &[Message<'_>],
-    indexes: &[usize],
-    backfill: Backfill,
-) -> Attempt {
+async fn attempt(ctx: &Context, messages: &[Message<'_>], work: Work<'_>) -> Attempt {
     let clock = Instant::now();
     let mut client = match ctx.pool.get().await {
         Ok(client) => client,
         Err(error) => return Attempt::Failed(error.into()),
     };
     ctx.metrics.stage(Stage::Connect, clock.elapsed());
-    let work = async {
+    let transaction = async {
         let clock = Instant::now();
         let tx = client.transaction().await?;
         ctx.metrics.stage(Stage::Begin, clock.elapsed());
-        let incoming: Vec<Incoming<'_>> = indexes
-            .iter()
-            .map(|&i| Incoming {
-                event: event_of(&messages[i]),
-                received_at: messages[i].received_at,
-                body: messages[i].body,
-            })
-            .collect();
-        let result = state::apply(&tx, &incoming, &ctx.rules, backfill).await?;
+        let result = match work {
+            Work::Apply { indexes, backfill } => {
+                let incoming: Vec<Incoming<'_>> = indexes
+                    .iter()
+                    .map(|&i| Incoming {
+                        event: event_of(&messages[i]),
+                        received_at: messages[i].received_at,
+                        body: messages[i].body,
+                    })
+                    .collect();
+                state::apply(&tx, &incoming, &ctx.rules, backfill).await?
+            }
+            Work::Backfill => {
+                let clock = Instant::now();
+                state::backfill(&tx).await?;
+                ctx.metrics.stage(Stage::Backfill, clock.elapsed());
+                BatchResult::default()
+            }
+        };
         let clock = Instant::now();
         tx.commit().await?;
         ctx.metrics.stage(Stage::Commit, clock.elapsed());
         Ok::<_, DbError>(result)
     };
-    let outcome =
-        tokio::time::timeout(ctx.batch_deadline, AssertUnwindSafe(work).catch_unwind()).await;
+    let outcome = tokio::time::timeout(
+        ctx.batch_deadline,
+        AssertUnwindSafe(transaction).catch_unwind(),
+    )
+    .await;
     match outcome {
         Ok(Ok(Ok(result))) => Attempt::Done(result),
         Ok(Ok(Err(error))) => Attempt::Failed(error),
@@ -437,34 +457,19 @@ async fn apply_valid(
 /// split), so a failure other than the database being away is left to the next batch.
 async fn run_backfill(ctx: &Context) {
     let mut unavailable = reconnect_backoff();
+    let mut strikes = 0;
     loop {
-        let started = Instant::now();
-        let error = match ctx.pool.get().await {
-            Err(error) => error.into(),
-            Ok(mut client) => {
-                let work = async {
-                    let tx = client.transaction().await?;
-                    state::backfill(&tx).await?;
-                    tx.commit().await?;
-                    Ok::<_, DbError>(())
-                };
-                let outcome = tokio::time::timeout(ctx.batch_deadline, work).await;
-                match outcome {
-                    Ok(Ok(())) => {
-                        ctx.metrics.stage(Stage::Backfill, started.elapsed());
-                        return;
-                    }
-                    Ok(Err(error)) => error,
-                    Err(_) => {
-                        // As in `attempt`: a connection with a statement stuck on it must not
-                        // go back to the pool.
-                        drop(deadpool_postgres::Object::take(client));
-                        DbError::Deadline(ctx.batch_deadline)
-                    }
-                }
+        let error = match attempt(ctx, &[], Work::Backfill).await {
+            Attempt::Done(_) => return,
+            Attempt::Panicked => {
+                tracing::error!("back-fill panicked; the next batch runs it again");
+                return;
             }
+            Attempt::Failed(error) => error,
         };
-        if error.classify() != Failure::Unavailable || ctx.shutdown.is_triggered() {
+        if classify(ctx, &error, &mut strikes).await != Failure::Unavailable
+            || ctx.shutdown.is_triggered()
+        {
             tracing::warn!(%error, "back-fill failed; the next batch runs it again");
             return;
         }
@@ -489,7 +494,16 @@ async fn apply_part(
     let mut transient_failures = 0;
     let mut strikes = 0;
     loop {
-        match attempt(ctx, messages, valid, backfill).await {
+        match attempt(
+            ctx,
+            messages,
+            Work::Apply {
+                indexes: valid,
+                backfill,
+            },
+        )
+        .await
+        {
             Attempt::Done(result) => {
                 ctx.db_ok.store(true, std::sync::atomic::Ordering::Relaxed);
                 record_success(ctx, messages, valid, &result);
@@ -547,7 +561,16 @@ async fn one_by_one(
         let mut unavailable = reconnect_backoff();
         let mut strikes = 0;
         loop {
-            match attempt(ctx, messages, &[i], backfill).await {
+            match attempt(
+                ctx,
+                messages,
+                Work::Apply {
+                    indexes: &[i],
+                    backfill,
+                },
+            )
+            .await
+            {
                 Attempt::Done(result) => {
                     ctx.db_ok.store(true, std::sync::atomic::Ordering::Relaxed);
                     record_success(ctx, messages, &[i], &result);

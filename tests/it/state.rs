@@ -298,6 +298,32 @@ async fn every_stale_period_leaves_its_row_whatever_the_order() {
     );
 }
 
+/// A churn scenario of `fleets` applied once in order (the reference), and its deliveries with
+/// duplicates (share `dup`), shuffled.
+async fn reference_and_deliveries(
+    tag: &str,
+    fleets: usize,
+    seed: u64,
+    dup: f64,
+) -> (TestDb, Vec<Vec<u8>>) {
+    let events = churn_scenario(fleets, seed);
+    let reference = TestDb::fresh(&format!("{tag}_ref")).await;
+    reference.apply_in_order(&events).await;
+    let deliveries = duplicated_and_shuffled(&events, dup, seed ^ 0x5eed);
+    let bodies = deliveries
+        .iter()
+        .map(|d| events[d.event].body(d.attempt))
+        .collect();
+    (reference, bodies)
+}
+
+/// Every column of every table as the reference has it, and the outbox agrees with the alerts.
+async fn assert_converged(reference: &TestDb, db: &TestDb) {
+    assert_same_state(&reference.snapshot().await, &db.snapshot().await);
+    let problems = db.outbox_problems().await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
@@ -310,16 +336,10 @@ proptest! {
     fn any_order_with_duplicates_converges(seed in 0u64..1_000_000, dup in 0.0f64..0.6, batch in 1usize..60) {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
-            let events = churn_scenario(6, seed);
-            let reference = TestDb::fresh("prop_ref").await;
-            reference.apply_in_order(&events).await;
+            let (reference, bodies) = reference_and_deliveries("prop", 6, seed, dup).await;
             let shuffled = TestDb::fresh("prop_mix").await;
-            let deliveries = duplicated_and_shuffled(&events, dup, seed ^ 0x5eed);
-            let bodies: Vec<Vec<u8>> = deliveries.iter().map(|d| events[d.event].body(d.attempt)).collect();
             shuffled.apply_batches(bodies.chunks(batch)).await;
-            assert_same_state(&reference.snapshot().await, &shuffled.snapshot().await);
-            let problems = shuffled.outbox_problems().await;
-            assert!(problems.is_empty(), "{problems:#?}");
+            assert_converged(&reference, &shuffled).await;
         });
     }
 
@@ -330,17 +350,11 @@ proptest! {
     fn batches_split_into_concurrent_transactions_converge(seed in 0u64..1_000_000, dup in 0.0f64..0.6, batch in 8usize..120, parts in 2usize..5) {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
-            let events = churn_scenario(8, seed);
-            let reference = TestDb::fresh("split_ref").await;
-            reference.apply_in_order(&events).await;
+            let (reference, bodies) = reference_and_deliveries("split", 8, seed, dup).await;
             let split = TestDb::fresh("split_mix").await;
-            let deliveries = duplicated_and_shuffled(&events, dup, seed ^ 0x5eed);
-            let bodies: Vec<Vec<u8>> = deliveries.iter().map(|d| events[d.event].body(d.attempt)).collect();
             let most = split.apply_batches_split(bodies.chunks(batch), parts).await;
             assert!(most > 1, "batches were split");
-            assert_same_state(&reference.snapshot().await, &split.snapshot().await);
-            let problems = split.outbox_problems().await;
-            assert!(problems.is_empty(), "{problems:#?}");
+            assert_converged(&reference, &split).await;
         });
     }
 }
