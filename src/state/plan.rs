@@ -3,6 +3,7 @@
 //! so the state rules can be unit-tested here.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::Hash;
 
 use chrono::{DateTime, Utc};
@@ -83,6 +84,45 @@ fn rounds<T, K: Hash + Eq>(rows: &[T], key: impl Fn(&T) -> K) -> Vec<Vec<&T>> {
     out
 }
 
+/// The rows of one statement kind, one per key of its `ON CONFLICT`, each merged on arrival by
+/// the rules the statement itself applies. Those rules commute and associate, so one merged row
+/// has the effect of the rounds it replaces ([`rounds`]): one statement, and one row to upsert
+/// and lock, per key rather than per event (the executions of one connection reference it
+/// dozens of times a batch).
+pub(super) struct Merged<K, R> {
+    rows: Vec<R>,
+    index: HashMap<K, usize>,
+}
+
+impl<K, R> Default for Merged<K, R> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq, R> Merged<K, R> {
+    fn add(&mut self, key: K, row: R, merge: impl FnOnce(&mut R, R)) {
+        match self.index.entry(key) {
+            Entry::Occupied(at) => merge(&mut self.rows[*at.get()], row),
+            Entry::Vacant(slot) => {
+                slot.insert(self.rows.len());
+                self.rows.push(row);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn all(&self) -> Vec<&R> {
+        self.rows.iter().collect()
+    }
+}
+
 /// Collect one column of a round.
 fn col<T, V: ToSql + Sync + Send + 'static>(rows: &[&T], f: impl Fn(&T) -> V) -> Param {
     p(rows.iter().map(|r| f(r)).collect::<Vec<V>>())
@@ -109,6 +149,34 @@ struct InvitationRow {
     declined_at: Option<DateTime<Utc>>,
 }
 
+impl InvitationRow {
+    /// [`INVITATIONS`]' rules: the status of the highest (rank, time, key), each latest-wins
+    /// field by its own version, `LEAST`/`GREATEST` for the rest.
+    fn merge(&mut self, row: Self) {
+        if (row.rank, row.status_at, &row.status_key)
+            > (self.rank, self.status_at, &self.status_key)
+        {
+            self.status = row.status;
+            self.rank = row.rank;
+            self.status_at = row.status_at;
+            self.status_key = row.status_key.clone();
+        }
+        let newer = (row.t, &row.k) > (self.t, &self.k);
+        self.decline_reason.merge(row.decline_reason);
+        self.expires_at.merge(row.expires_at);
+        self.magic_link.merge(row.magic_link);
+        self.fleet_ref = least(self.fleet_ref.take(), row.fleet_ref);
+        self.fleet_id = least(self.fleet_id, row.fleet_id);
+        self.created_at = least(self.created_at, row.created_at);
+        self.accepted_at = least(self.accepted_at, row.accepted_at);
+        self.declined_at = self.declined_at.max(row.declined_at);
+        if newer {
+            self.t = row.t;
+            self.k = row.k;
+        }
+    }
+}
+
 struct StageRow {
     fleet_id: Uuid,
     fleet_ref: Option<String>,
@@ -116,6 +184,19 @@ struct StageRow {
     stage: Onboarding,
     t: DateTime<Utc>,
     k: String,
+}
+
+impl StageRow {
+    /// [`FLEET_STAGES`]' rules: the stage of the highest (rank, time, key), `LEAST` identities.
+    fn merge(&mut self, row: Self) {
+        self.fleet_ref = least(self.fleet_ref.take(), row.fleet_ref);
+        self.invitation_id = least(self.invitation_id, row.invitation_id);
+        if (row.stage.rank(), row.t, &row.k) > (self.stage.rank(), self.t, &self.k) {
+            self.stage = row.stage;
+            self.t = row.t;
+            self.k = row.k;
+        }
+    }
 }
 
 struct ShareRow {
@@ -131,6 +212,49 @@ struct ShareRow {
     k: String,
 }
 
+impl ShareRow {
+    /// [`SHARE_AGREEMENTS`]' rules: the newest record (time, key) as a whole, `LEAST` identities.
+    fn merge(&mut self, mut row: Self) {
+        row.fleet_id = self.fleet_id.min(row.fleet_id);
+        row.invitation_id = least(self.invitation_id, row.invitation_id);
+        row.fleet_ref = least(self.fleet_ref.take(), row.fleet_ref);
+        if (row.t, &row.k) > (self.t, &self.k) {
+            *self = row;
+        } else {
+            self.fleet_id = row.fleet_id;
+            self.invitation_id = row.invitation_id;
+            self.fleet_ref = row.fleet_ref;
+        }
+    }
+}
+
+/// The fleet side of a share agreement ([`FLEET_SHARES`]), one per fleet.
+struct FleetShareRow {
+    fleet_id: Uuid,
+    fleet_ref: Option<String>,
+    invitation_id: Option<Uuid>,
+    /// The share agreement.
+    id: Uuid,
+    status: String,
+    t: DateTime<Utc>,
+    k: String,
+}
+
+impl FleetShareRow {
+    /// [`FLEET_SHARES`]' rules: the newest share agreement (time, key) names the share and
+    /// raises the stage to share_agreed at its time; `LEAST` identities.
+    fn merge(&mut self, row: Self) {
+        self.fleet_ref = least(self.fleet_ref.take(), row.fleet_ref);
+        self.invitation_id = least(self.invitation_id, row.invitation_id);
+        if (row.t, &row.k) > (self.t, &self.k) {
+            self.id = row.id;
+            self.status = row.status;
+            self.t = row.t;
+            self.k = row.k;
+        }
+    }
+}
+
 struct ConnectionRow {
     id: Uuid,
     fleet_id: Option<Uuid>,
@@ -138,8 +262,26 @@ struct ConnectionRow {
     source_name: Option<String>,
     /// Catena's status (`connection.staled` is `stale` whatever its record says).
     status: String,
+    /// The newest `stale` observation's time (merged rows keep it when a newer one is not stale).
+    staled_at: Option<DateTime<Utc>>,
     t: DateTime<Utc>,
     k: String,
+}
+
+impl ConnectionRow {
+    /// [`CONNECTIONS`]' rules: the status of the newest (time, key), `LEAST` identities, the
+    /// newest stale time.
+    fn merge(&mut self, row: Self) {
+        self.fleet_id = least(self.fleet_id, row.fleet_id);
+        self.tsp_id = least(self.tsp_id, row.tsp_id);
+        self.source_name = least(self.source_name.take(), row.source_name);
+        self.staled_at = self.staled_at.max(row.staled_at);
+        if (row.t, &row.k) > (self.t, &self.k) {
+            self.status = row.status;
+            self.t = row.t;
+            self.k = row.k;
+        }
+    }
 }
 
 /// One entry of a subject's status timeline (see [`super::episodes`]).
@@ -188,12 +330,15 @@ struct DeactivationRow {
 /// Every change a batch asks for, by statement kind.
 #[derive(Default)]
 pub(super) struct Plan {
-    invitations: Vec<InvitationRow>,
-    invitation_index: HashMap<Uuid, usize>,
-    stages: Vec<StageRow>,
-    shares: Vec<ShareRow>,
-    connections: Vec<ConnectionRow>,
-    references: Vec<ReferenceRow>,
+    invitations: Merged<Uuid, InvitationRow>,
+    stages: Merged<Uuid, StageRow>,
+    shares: Merged<Uuid, ShareRow>,
+    fleet_shares: Merged<Uuid, FleetShareRow>,
+    /// Which fleet each share agreement's invitation became (not merged: [`INVITATION_MAPPINGS`]
+    /// takes every pair).
+    mappings: Vec<(Uuid, Uuid, Option<String>)>,
+    connections: Merged<Uuid, ConnectionRow>,
+    references: Merged<Uuid, ReferenceRow>,
     fleet_connections: Vec<FleetConnectionRow>,
     executions: Vec<ExecutionRow>,
     deactivations: Vec<DeactivationRow>,
@@ -221,38 +366,60 @@ impl Plan {
         match &event.change {
             Change::Invitation(status, records) => {
                 for r in records {
-                    self.add_invitation(InvitationRow {
-                        id: r.id,
-                        fleet_ref: r.fleet_ref.clone(),
-                        fleet_id: r.fleet_id,
-                        status: status.as_str(),
-                        rank: status.rank(),
-                        status_at: t,
-                        status_key: k(),
-                        t,
-                        k: k(),
-                        decline_reason: Latest::new(r.decline_reason.clone(), &v),
-                        expires_at: Latest::new(r.expires_at, &v),
-                        magic_link: Latest::new(r.magic_link.clone(), &v),
-                        created_at: r.created_at,
-                        accepted_at: r.accepted_at,
-                        declined_at: r.declined_at,
-                    });
+                    self.invitations.add(
+                        r.id,
+                        InvitationRow {
+                            id: r.id,
+                            fleet_ref: r.fleet_ref.clone(),
+                            fleet_id: r.fleet_id,
+                            status: status.as_str(),
+                            rank: status.rank(),
+                            status_at: t,
+                            status_key: k(),
+                            t,
+                            k: k(),
+                            decline_reason: Latest::new(r.decline_reason.clone(), &v),
+                            expires_at: Latest::new(r.expires_at, &v),
+                            magic_link: Latest::new(r.magic_link.clone(), &v),
+                            created_at: r.created_at,
+                            accepted_at: r.accepted_at,
+                            declined_at: r.declined_at,
+                        },
+                        InvitationRow::merge,
+                    );
                     if let Some(fleet_id) = r.fleet_id {
-                        self.stages.push(StageRow {
+                        let stage = StageRow {
                             fleet_id,
                             fleet_ref: r.fleet_ref.clone(),
                             invitation_id: Some(r.id),
                             stage: status.onboarding(),
                             t,
                             k: k(),
-                        });
+                        };
+                        self.stages.add(fleet_id, stage, StageRow::merge);
                     }
                 }
             }
             Change::ShareAgreement(records) => {
                 for r in records {
-                    self.shares.push(ShareRow {
+                    self.fleet_shares.add(
+                        r.fleet_id,
+                        FleetShareRow {
+                            fleet_id: r.fleet_id,
+                            fleet_ref: r.fleet_ref.clone(),
+                            invitation_id: r.invitation_id,
+                            id: r.id,
+                            status: r.status.clone(),
+                            t,
+                            k: k(),
+                        },
+                        FleetShareRow::merge,
+                    );
+                    if let Some(invitation_id) = r.invitation_id {
+                        self.mappings
+                            .push((invitation_id, r.fleet_id, r.fleet_ref.clone()));
+                    }
+                    let share = ShareRow {
                         id: r.id,
                         fleet_id: r.fleet_id,
                         invitation_id: r.invitation_id,
@@ -263,7 +430,8 @@ impl Plan {
                         expiration_date: r.expiration_date,
                         t,
                         k: k(),
-                    });
+                    };
+                    self.shares.add(r.id, share, ShareRow::merge);
                 }
             }
             Change::Connection { staled, records } => {
@@ -280,15 +448,17 @@ impl Plan {
                         k: k(),
                         status: status.clone(),
                     });
-                    self.connections.push(ConnectionRow {
+                    let connection = ConnectionRow {
                         id: r.id,
                         fleet_id: r.fleet_id,
                         tsp_id: r.tsp_id,
                         source_name: r.source_name.clone(),
+                        staled_at: (status == "stale").then_some(t),
                         status,
                         t,
                         k: k(),
-                    });
+                    };
+                    self.connections.add(r.id, connection, ConnectionRow::merge);
                 }
             }
             Change::FleetConnection(records) => {
@@ -299,29 +469,22 @@ impl Plan {
                         connection_id: r.connection_id,
                         t,
                     });
-                    self.references.push(ReferenceRow {
-                        id: r.connection_id,
-                        fleet_id: Some(r.fleet_id),
-                        source_name: None,
-                    });
-                    self.stages.push(StageRow {
+                    self.reference(r.connection_id, Some(r.fleet_id), None);
+                    let stage = StageRow {
                         fleet_id: r.fleet_id,
                         fleet_ref: None,
                         invitation_id: None,
                         stage: Onboarding::Connected,
                         t,
                         k: k(),
-                    });
+                    };
+                    self.stages.add(r.fleet_id, stage, StageRow::merge);
                 }
             }
             Change::ExecutionFailed(records) => {
                 for r in records {
                     if let Some(connection_id) = r.connection_id {
-                        self.references.push(ReferenceRow {
-                            id: connection_id,
-                            fleet_id: r.fleet_id,
-                            source_name: r.source_name.clone(),
-                        });
+                        self.reference(connection_id, r.fleet_id, r.source_name.clone());
                     }
                     self.executions.push(ExecutionRow {
                         id: r.id,
@@ -336,11 +499,7 @@ impl Plan {
             }
             Change::ScheduleDeactivated(records) => {
                 for r in records {
-                    self.references.push(ReferenceRow {
-                        id: r.connection_id,
-                        fleet_id: None,
-                        source_name: None,
-                    });
+                    self.reference(r.connection_id, None, None);
                     let has_settings = r.consecutive_error_threshold.is_some()
                         || r.execution_interval_seconds.is_some();
                     self.observations.push(ObservationRow {
@@ -374,32 +533,17 @@ impl Plan {
         }
     }
 
-    fn add_invitation(&mut self, row: InvitationRow) {
-        let Some(&at) = self.invitation_index.get(&row.id) else {
-            self.invitation_index.insert(row.id, self.invitations.len());
-            self.invitations.push(row);
-            return;
+    /// A connection named by another record (connection reuse: no `connection.created` for us).
+    fn reference(&mut self, id: Uuid, fleet_id: Option<Uuid>, source_name: Option<String>) {
+        let row = ReferenceRow {
+            id,
+            fleet_id,
+            source_name,
         };
-        let cur = &mut self.invitations[at];
-        if (row.rank, row.status_at, &row.status_key) > (cur.rank, cur.status_at, &cur.status_key) {
-            cur.status = row.status;
-            cur.rank = row.rank;
-            cur.status_at = row.status_at;
-            cur.status_key = row.status_key.clone();
-        }
-        let newer = (row.t, &row.k) > (cur.t, &cur.k);
-        cur.decline_reason.merge(row.decline_reason);
-        cur.expires_at.merge(row.expires_at);
-        cur.magic_link.merge(row.magic_link);
-        cur.fleet_ref = least(cur.fleet_ref.take(), row.fleet_ref);
-        cur.fleet_id = least(cur.fleet_id, row.fleet_id);
-        cur.created_at = least(cur.created_at, row.created_at);
-        cur.accepted_at = least(cur.accepted_at, row.accepted_at);
-        cur.declined_at = cur.declined_at.max(row.declined_at);
-        if newer {
-            cur.t = row.t;
-            cur.k = row.k;
-        }
+        self.references.add(id, row, |cur, row| {
+            cur.fleet_id = least(cur.fleet_id, row.fleet_id);
+            cur.source_name = least(cur.source_name.take(), row.source_name);
+        });
     }
 
     /// The connections and schedules whose status timelines this batch extends: their alert
@@ -436,7 +580,8 @@ impl Plan {
     pub(super) fn ops(&self, rules: &Rules) -> Vec<Op> {
         let mut ops = Vec::new();
         let mut push = |sql: &'static str, params: Vec<Param>| ops.push(Op { sql, params });
-        for round in rounds(&self.invitations, |r| r.id) {
+        if !self.invitations.is_empty() {
+            let round = self.invitations.all();
             push(
                 INVITATIONS,
                 vec![
@@ -462,54 +607,49 @@ impl Plan {
             );
         }
         if !self.shares.is_empty() {
-            for round in rounds(&self.shares, |r| r.id) {
-                push(
-                    SHARE_AGREEMENTS,
-                    vec![
-                        col(&round, |r| r.id),
-                        col(&round, |r| r.fleet_id),
-                        col(&round, |r| r.invitation_id),
-                        col(&round, |r| r.fleet_ref.clone()),
-                        col(&round, |r| r.status.clone()),
-                        col(&round, |r| r.scopes.clone()),
-                        col(&round, |r| r.effective_date),
-                        col(&round, |r| r.expiration_date),
-                        col(&round, |r| r.t),
-                        col(&round, |r| r.k.clone()),
-                    ],
-                );
-            }
-            for round in rounds(&self.shares, |r| r.fleet_id) {
-                push(
-                    FLEET_SHARES,
-                    vec![
-                        col(&round, |r| r.fleet_id),
-                        col(&round, |r| r.fleet_ref.clone()),
-                        col(&round, |r| r.invitation_id),
-                        col(&round, |r| r.id),
-                        col(&round, |r| r.status.clone()),
-                        col(&round, |r| r.t),
-                        col(&round, |r| r.k.clone()),
-                    ],
-                );
-            }
-            let mapped: Vec<&ShareRow> = self
-                .shares
-                .iter()
-                .filter(|r| r.invitation_id.is_some())
-                .collect();
-            if !mapped.is_empty() {
+            let round = self.shares.all();
+            push(
+                SHARE_AGREEMENTS,
+                vec![
+                    col(&round, |r| r.id),
+                    col(&round, |r| r.fleet_id),
+                    col(&round, |r| r.invitation_id),
+                    col(&round, |r| r.fleet_ref.clone()),
+                    col(&round, |r| r.status.clone()),
+                    col(&round, |r| r.scopes.clone()),
+                    col(&round, |r| r.effective_date),
+                    col(&round, |r| r.expiration_date),
+                    col(&round, |r| r.t),
+                    col(&round, |r| r.k.clone()),
+                ],
+            );
+            let round = self.fleet_shares.all();
+            push(
+                FLEET_SHARES,
+                vec![
+                    col(&round, |r| r.fleet_id),
+                    col(&round, |r| r.fleet_ref.clone()),
+                    col(&round, |r| r.invitation_id),
+                    col(&round, |r| r.id),
+                    col(&round, |r| r.status.clone()),
+                    col(&round, |r| r.t),
+                    col(&round, |r| r.k.clone()),
+                ],
+            );
+            if !self.mappings.is_empty() {
+                let m = &self.mappings;
                 push(
                     INVITATION_MAPPINGS,
                     vec![
-                        col(&mapped, |r| r.invitation_id),
-                        col(&mapped, |r| r.fleet_id),
-                        col(&mapped, |r| r.fleet_ref.clone()),
+                        p(m.iter().map(|r| r.0).collect::<Vec<_>>()),
+                        p(m.iter().map(|r| r.1).collect::<Vec<_>>()),
+                        p(m.iter().map(|r| r.2.clone()).collect::<Vec<_>>()),
                     ],
                 );
             }
         }
-        for round in rounds(&self.stages, |r| r.fleet_id) {
+        if !self.stages.is_empty() {
+            let round = self.stages.all();
             push(
                 FLEET_STAGES,
                 vec![
@@ -523,18 +663,20 @@ impl Plan {
                 ],
             );
         }
+        // Connected ranks highest, so a fleet's merged stage is connected if any of its was.
         let mut connected: Vec<Uuid> = self
             .stages
+            .rows
             .iter()
             .filter(|r| r.stage == Onboarding::Connected)
             .map(|r| r.fleet_id)
             .collect();
         if !connected.is_empty() {
             connected.sort_unstable();
-            connected.dedup();
             push(ONBOARDING_MEASURED, vec![p(connected)]);
         }
-        for round in rounds(&self.connections, |r| r.id) {
+        if !self.connections.is_empty() {
+            let round = self.connections.all();
             push(
                 CONNECTIONS,
                 vec![
@@ -545,10 +687,12 @@ impl Plan {
                     col(&round, |r| r.status.clone()),
                     col(&round, |r| r.t),
                     col(&round, |r| r.k.clone()),
+                    col(&round, |r| r.staled_at),
                 ],
             );
         }
-        for round in rounds(&self.references, |r| r.id) {
+        if !self.references.is_empty() {
+            let round = self.references.all();
             push(
                 CONNECTION_REFERENCES,
                 vec![
@@ -714,8 +858,8 @@ pub(super) mod tests {
             .iter()
             .map(|order| {
                 let plan = plan_of(order);
-                assert_eq!(plan.invitations.len(), 1, "one row per invitation");
-                let r = &plan.invitations[0];
+                assert_eq!(plan.invitations.rows.len(), 1, "one row per invitation");
+                let r = &plan.invitations.rows[0];
                 (
                     r.status,
                     r.rank,
@@ -752,9 +896,9 @@ pub(super) mod tests {
         );
         let plan = plan_of(&[&fc]);
         assert_eq!(plan.fleet_connections.len(), 1);
-        assert_eq!(plan.references.len(), 1);
-        assert_eq!(plan.stages.len(), 1);
-        assert_eq!(plan.stages[0].stage, Onboarding::Connected);
+        assert_eq!(plan.references.rows.len(), 1);
+        assert_eq!(plan.stages.rows.len(), 1);
+        assert_eq!(plan.stages.rows[0].stage, Onboarding::Connected);
     }
 
     #[test]
@@ -794,8 +938,8 @@ pub(super) mod tests {
         let position = |sql: &str| ops.iter().position(|op| op.sql == sql).unwrap();
         assert_eq!(
             ops.iter().filter(|op| op.sql == CONNECTIONS).count(),
-            2,
-            "two events of one connection take two rounds"
+            1,
+            "two events of one connection merge into one row"
         );
         assert!(position(CONNECTIONS) < position(STATUS_OBSERVATIONS));
         assert_eq!(
@@ -806,6 +950,146 @@ pub(super) mod tests {
         for op in &ops {
             let placeholders = (1..=op.params.len()).all(|n| op.sql.contains(&format!("${n}")));
             assert!(placeholders, "every parameter is used: {}", op.sql);
+        }
+    }
+
+    /// A connection's events in one batch, in any order, merge into the row the statements
+    /// would leave after applying them one by one: the newest status, and the stale time of
+    /// a stale observation that a newer `active` one follows.
+    #[test]
+    fn one_connections_events_merge_into_one_row_in_any_order() {
+        let connection = |name: &str, minute, fleet: Option<&str>, source: Option<&str>| {
+            let mut record = serde_json::json!({"id": "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"});
+            if let Some(fleet) = fleet {
+                record["fleet_id"] = fleet.into();
+            }
+            if let Some(source) = source {
+                record["source_name"] = source.into();
+            }
+            event(name, minute, record)
+        };
+        let created = connection("connection.created", 1, None, Some("samsara"));
+        let staled = connection("connection.staled", 2, Some(FLEET), None);
+        let recovered = connection("connection.created", 3, None, Some("motive"));
+        for order in [
+            [&created, &staled, &recovered],
+            [&recovered, &staled, &created],
+            [&staled, &recovered, &created],
+        ] {
+            let plan = plan_of(&order);
+            assert_eq!(plan.connections.rows.len(), 1);
+            let row = &plan.connections.rows[0];
+            assert_eq!(row.status, "active", "the newest status");
+            assert_eq!(row.t, recovered.event_time);
+            assert_eq!(row.k, recovered.key);
+            assert_eq!(
+                row.staled_at,
+                Some(staled.event_time),
+                "kept from an older row"
+            );
+            assert_eq!(row.fleet_id, Some(FLEET.parse().unwrap()));
+            assert_eq!(row.source_name.as_deref(), Some("motive"), "LEAST");
+            assert_eq!(
+                plan.observations.len(),
+                3,
+                "the timeline keeps every observation"
+            );
+        }
+    }
+
+    /// The executions of one connection and the fleet connections of one fleet in a batch:
+    /// one reference row per connection, one stage row per fleet (the highest stage).
+    #[test]
+    fn references_and_stages_merge_per_key() {
+        let failed = |minute, execution: &str, source: &str| {
+            event(
+                "execution.failed",
+                minute,
+                serde_json::json!({
+                    "id": execution, "schedule_id": "5b6c7d8e-9f0a-4b1c-8d2e-3f4a5b6c7d8e",
+                    "connection_id": "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+                    "fleet_id": FLEET, "source_name": source,
+                }),
+            )
+        };
+        let first = failed(1, "0d1e2f3a-4b5c-4d6e-8f7a-9b0c1d2e3f4a", "zonar");
+        let second = failed(2, "1e2f3a4b-5c6d-4e7f-8a9b-0c1d2e3f4a5b", "azuga");
+        let fc = event(
+            "fleet_connection.created",
+            3,
+            serde_json::json!({
+                "id": "8d1f0a3b-2c4e-4f6a-8b9c-0d1e2f3a4b5c", "fleet_id": FLEET,
+                "connection_id": "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+            }),
+        );
+        let accepted = event(
+            "invitation.accepted",
+            4,
+            serde_json::json!({"id": INVITATION, "fleet_ref": "FLEET-42", "fleet_id": FLEET}),
+        );
+        for order in [
+            [&first, &second, &fc, &accepted],
+            [&accepted, &fc, &second, &first],
+        ] {
+            let plan = plan_of(&order);
+            assert_eq!(plan.references.rows.len(), 1, "one row per connection");
+            let reference = &plan.references.rows[0];
+            assert_eq!(reference.source_name.as_deref(), Some("azuga"), "LEAST");
+            assert_eq!(reference.fleet_id, Some(FLEET.parse().unwrap()));
+            assert_eq!(plan.stages.rows.len(), 1, "one row per fleet");
+            let stage = &plan.stages.rows[0];
+            assert_eq!(
+                stage.stage,
+                Onboarding::Connected,
+                "the highest rank, not the newest"
+            );
+            assert_eq!(stage.k, fc.key);
+            assert_eq!(stage.fleet_ref.as_deref(), Some("FLEET-42"));
+            assert_eq!(stage.invitation_id, Some(INVITATION.parse().unwrap()));
+            let ops = plan.ops(&Rules::default());
+            for sql in [CONNECTION_REFERENCES, FLEET_STAGES] {
+                assert_eq!(ops.iter().filter(|op| op.sql == sql).count(), 1);
+            }
+        }
+    }
+
+    /// Updates of one share agreement merge into its newest record; two agreements of one
+    /// fleet into one fleet row naming the newer; every agreement still maps its invitation.
+    #[test]
+    fn share_agreements_merge_per_agreement_and_per_fleet() {
+        let share = |name: &str, minute, id: &str, status: &str| {
+            event(
+                name,
+                minute,
+                serde_json::json!({
+                    "id": id, "fleet_id": FLEET, "invitation_id": INVITATION,
+                    "fleet_ref": "FLEET-42", "status": status,
+                }),
+            )
+        };
+        let (first, second) = (
+            "2b3c4d5e-6f7a-4b8c-9d0e-1f2a3b4c5d6e",
+            "3c4d5e6f-7a8b-4c9d-8e1f-2a3b4c5d6e7f",
+        );
+        let created = share("share_agreement.created", 1, first, "active");
+        let paused = share("share_agreement.updated", 2, first, "paused");
+        let other = share("share_agreement.created", 3, second, "active");
+        for order in [[&created, &paused, &other], [&other, &paused, &created]] {
+            let plan = plan_of(&order);
+            let mut statuses: Vec<_> = plan
+                .shares
+                .rows
+                .iter()
+                .map(|r| (r.id.to_string(), r.status.as_str()))
+                .collect();
+            statuses.sort();
+            assert_eq!(
+                statuses,
+                [(first.to_owned(), "paused"), (second.to_owned(), "active")]
+            );
+            assert_eq!(plan.fleet_shares.rows.len(), 1, "one row per fleet");
+            assert_eq!(plan.fleet_shares.rows[0].id.to_string(), second);
+            assert_eq!(plan.mappings.len(), 3, "every record maps its invitation");
         }
     }
 
@@ -821,7 +1105,7 @@ pub(super) mod tests {
         for order in [[&newest, &oldest, &older], [&oldest, &older, &newest]] {
             let plan = plan_of(&order);
             assert_eq!(
-                plan.invitations[0].decline_reason.value().as_deref(),
+                plan.invitations.rows[0].decline_reason.value().as_deref(),
                 Some("b")
             );
         }

@@ -117,12 +117,13 @@ FROM (SELECT invitation_id, (array_agg(fleet_id ORDER BY fleet_id))[1] AS fleet_
 WHERE i.invitation_id = m.invitation_id
   AND (i.fleet_id IS DISTINCT FROM LEAST(i.fleet_id, m.fleet_id) OR i.fleet_ref IS DISTINCT FROM LEAST(i.fleet_ref, m.fleet_ref))";
 
-/// `status` is Catena's own (newest wins); `staled_at` the newest stale observation.
+/// `status` is Catena's own (newest wins); `staled_at` the newest stale observation (of the
+/// batch's rows merged per connection, [`super::plan::Merged`]).
 pub(super) const CONNECTIONS: &str = "
 INSERT INTO connections AS c (connection_id, fleet_id, tsp_id, source_name, status, staled_at, updated_at, version_key)
-SELECT r.id, r.fleet_id, r.tsp_id, r.source_name, r.status, CASE WHEN r.status = 'stale' THEN r.t END, r.t, r.k
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[], $7::text[])
-     AS r(id, fleet_id, tsp_id, source_name, status, t, k)
+SELECT r.id, r.fleet_id, r.tsp_id, r.source_name, r.status, r.staled_at, r.t, r.k
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::timestamptz[])
+     AS r(id, fleet_id, tsp_id, source_name, status, t, k, staled_at)
 ON CONFLICT (connection_id) DO UPDATE SET
     fleet_id = LEAST(c.fleet_id, EXCLUDED.fleet_id),
     tsp_id = LEAST(c.tsp_id, EXCLUDED.tsp_id),
