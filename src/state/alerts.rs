@@ -49,6 +49,7 @@ impl AlertSubjects {
 
 /// A new alert row.
 struct Insert {
+    alert_id: Uuid,
     kind: AlertKind,
     subject: Uuid,
     opened: Version,
@@ -94,6 +95,11 @@ impl AlertWrites {
             .collect()
     }
 
+    /// The ids of the rows this batch creates.
+    pub fn inserted(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.inserts.iter().map(|i| i.alert_id)
+    }
+
     /// The statements: moves first (so a row closing and its successor opening never hold
     /// two open rows of one subject at once), then new rows.
     pub fn ops(&self) -> Vec<Op> {
@@ -127,7 +133,7 @@ impl AlertWrites {
             ops.push(Op {
                 sql: ALERTS_INSERT,
                 params: vec![
-                    p(i.iter().map(|_| Uuid::new_v4()).collect::<Vec<_>>()),
+                    p(i.iter().map(|n| n.alert_id).collect::<Vec<_>>()),
                     p(i.iter().map(|n| n.kind.as_str()).collect::<Vec<_>>()),
                     p(i.iter().map(|n| n.subject).collect::<Vec<_>>()),
                     p(i.iter().map(|n| n.opened.0).collect::<Vec<_>>()),
@@ -208,6 +214,7 @@ pub(super) fn reconcile(subjects: &AlertSubjects, timelines: &[Row], rows: &[Row
             for change in reconcile_rows(&episodes, rows) {
                 match change {
                     AlertChange::Insert { episode, page } => writes.inserts.push(Insert {
+                        alert_id: Uuid::new_v4(),
                         kind,
                         subject,
                         resolved_at: episode.resolved_at(),

@@ -280,19 +280,25 @@ pub async fn apply(
         let writes = alerts::reconcile(&subjects, &timelines, &existing);
         result.alerts_opened = writes.paged_kinds();
         let mut ops = writes.ops();
-        ops.push(refresh(subjects.ids(), in_batch));
+        // Every alert of these subjects: the rows read above (the entity locks keep other
+        // batches from adding any) and the ones this batch adds.
+        let alert_ids = existing
+            .iter()
+            .map(|row| row.get::<_, uuid::Uuid>("alert_id"))
+            .chain(writes.inserted())
+            .collect();
+        ops.push(refresh(alert_ids, in_batch));
         run(tx, &ops).await?;
         lap(&mut result, Stage::Alerts);
     }
     Ok(result)
 }
 
-/// The fleet and details of these subjects' alerts, and (`incomplete`) of every alert still
-/// missing them.
-fn refresh(subjects: Vec<uuid::Uuid>, incomplete: bool) -> Op {
+/// The fleet and details of these alerts, and (`incomplete`) of every alert still missing them.
+fn refresh(alert_ids: Vec<uuid::Uuid>, incomplete: bool) -> Op {
     Op {
         sql: ALERTS_REFRESH,
-        params: vec![p(subjects), p(incomplete)],
+        params: vec![p(alert_ids), p(incomplete)],
     }
 }
 

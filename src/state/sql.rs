@@ -270,15 +270,16 @@ WITH opened AS (
 INSERT INTO alert_outbox (alert_id, action) SELECT alert_id, 'open' FROM opened WHERE paged
 RETURNING alert_id";
 
-/// Fleet and details of the alerts of the touched subjects, and of any alert still missing
-/// them (raised before the mapping or the connection's record arrived), from the current rows.
+/// Fleet and details of the given alerts (those of the subjects a batch touched), and of any
+/// alert still missing them (raised before the mapping or the connection's record arrived),
+/// from the current rows.
 pub(super) const ALERTS_REFRESH: &str = "
 WITH target AS (
-    -- One index scan per half (alerts_subject; the partial index alerts_incomplete): an OR of
-    -- the two in one WHERE reads every alert.
+    -- The given ids, then one scan of the partial index alerts_incomplete: an OR of the two in
+    -- one WHERE reads every alert.
     SELECT alert_id FROM alerts
     WHERE alert_id = ANY (ARRAY(
-            SELECT alert_id FROM alerts WHERE subject_id = ANY($1::uuid[])
+            SELECT unnest($1::uuid[])
             UNION ALL
             SELECT alert_id FROM alerts WHERE $2 AND (fleet_ref IS NULL OR NOT (details ? 'source_name'))))
       AND kind IN ('connection_stale', 'schedule_deactivated')
