@@ -243,6 +243,14 @@ pub struct RelaySettings {
     #[arg(long, env = "RELAY_MAX_CONCURRENCY", value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
     pub max_concurrency: Option<usize>,
 
+    /// Threads of the relay's async runtime (HTTP, gunzip and HMAC of small bodies, the publish
+    /// lanes). One by default: the relay's work per request is a few microseconds around
+    /// syscalls, and a second runtime thread mostly adds wake-ups and work stealing between the
+    /// two (on this 2-core box: 17-21 against 27-32 µs of CPU per request alone, 35 against 41
+    /// µs end to end; README, "Defaults"). Scale the relay with replicas.
+    #[arg(long, env = "RELAY_RUNTIME_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    pub runtime_threads: usize,
+
     /// Threads that inflate and verify bodies that may exceed 16 KiB decompressed, off the async
     /// threads; a request waits at most 1 s for one, then gets 503.
     #[arg(long, env = "RELAY_BLOCKING_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]

@@ -10,7 +10,7 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    cli::Cli::parse().run().await
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    cli.runtime()?.block_on(cli.run())
 }

@@ -76,6 +76,23 @@ enum Command {
 }
 
 impl Cli {
+    /// The runtime the subcommand runs on: the relay's sized by `RELAY_RUNTIME_THREADS`, the
+    /// others tokio's default (one thread per core, or `TOKIO_WORKER_THREADS`).
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(threads) = self.runtime_threads() {
+            builder.worker_threads(threads);
+        }
+        builder.enable_all().build()
+    }
+
+    fn runtime_threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Relay(command) => Some(command.runtime_threads()),
+            _ => None,
+        }
+    }
+
     /// Set up telemetry, then run the subcommand to completion.
     pub async fn run(self) -> anyhow::Result<()> {
         telemetry::init(self.log_format);
@@ -105,4 +122,20 @@ async fn db_client(
     use anyhow::Context;
     let pool = catena_ingest::store::pool(&database.database_url, 1)?;
     pool.get().await.context("connecting to PostgreSQL")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_relay_sizes_its_runtime() {
+        let threads = |args: &[&str]| Cli::try_parse_from(args).unwrap().runtime_threads();
+        assert_eq!(threads(&["catena-ingest", "relay"]), Some(1));
+        assert_eq!(
+            threads(&["catena-ingest", "relay", "--runtime-threads", "3"]),
+            Some(3)
+        );
+        assert_eq!(threads(&["catena-ingest", "worker"]), None);
+    }
 }

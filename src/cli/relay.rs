@@ -18,6 +18,10 @@ pub struct Relay {
 }
 
 impl Relay {
+    pub fn runtime_threads(&self) -> usize {
+        self.relay.runtime_threads
+    }
+
     /// Without any secret source the relay could never verify anything: refused at start. An
     /// empty file is fine (`subscriptions sync` fills it, and the relay re-reads it).
     fn into_config(self) -> anyhow::Result<RelayConfig> {
