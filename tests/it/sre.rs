@@ -588,7 +588,8 @@ async fn shipped_rules_fire_reach_alertmanager_and_resolve_and_every_panel_has_d
                 "connection.created".to_owned(),
                 fixture("events/05-connection.created.json"),
             );
-            10_000 + 2 * 1000 + 500 // two consumers' default prefetch (1000) may be unacked
+            // Two consumers' default prefetch may be unacked.
+            10_000 + 2 * usize::from(catena_ingest::config::WorkerSettings::default().prefetch) + 500
         ];
         publish_received_at(&s.p.names, &copies, chrono::Utc::now()).await;
         println!(
