@@ -246,8 +246,9 @@ pub struct RelaySettings {
     /// Threads of the relay's async runtime (HTTP, gunzip and HMAC of small bodies, the publish
     /// lanes). One by default: the relay's work per request is a few microseconds around
     /// syscalls, and a second runtime thread mostly adds wake-ups and work stealing between the
-    /// two (on this 2-core box: 17-21 against 27-32 µs of CPU per request alone, 35 against 41
-    /// µs end to end; README, "Defaults"). Scale the relay with replicas.
+    /// two (on this 2-core box, four alternating pairs: 17-24 against 23-32 µs of CPU per request
+    /// alone, 35-36 against 39-42 µs end to end; README, "Defaults"). Scale the relay with
+    /// replicas.
     #[arg(long, env = "RELAY_RUNTIME_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     pub runtime_threads: usize,
 

@@ -159,7 +159,7 @@ impl InvitationRow {
             self.status = row.status;
             self.rank = row.rank;
             self.status_at = row.status_at;
-            self.status_key = row.status_key.clone();
+            self.status_key = row.status_key;
         }
         let newer = (row.t, &row.k) > (self.t, &self.k);
         self.decline_reason.merge(row.decline_reason);
