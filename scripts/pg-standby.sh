@@ -3,7 +3,8 @@
 # clusters beside the machine's own 15/main (5432, never touched):
 #   15/catena_primary  127.0.0.1:5440
 #   15/catena_standby  127.0.0.1:5441  (pg_basebackup -R of the primary, physical slot, hot standby)
-# Asynchronous replication (synchronous_standby_names empty), trust auth on 127.0.0.1 only.
+# Synchronous replication (the primary's commits wait for the standby's flush; the standby, once
+# promoted, has no standby and commits alone), trust auth on 127.0.0.1 only.
 #
 #   up             create/start both; wait until the primary's pg_stat_replication shows the
 #                  standby streaming. Recreates both when they are not primary/standby-shaped
@@ -45,13 +46,15 @@ online() { pg_lsclusters -h "$VER" "$1" 2>/dev/null | awk '{print $4}' | grep -q
 # -X: never read a ~/.psqlrc; -At: bare values. Connect over TCP like the tests do.
 q() { local port=$1; shift; psql -X -At -h "$HOST" -p "$port" -U postgres -d postgres -c "$@"; }
 in_recovery() { q "$1" 'select pg_is_in_recovery()' 2>/dev/null; }
-streaming() { q "$PRIMARY_PORT" "select count(*) from pg_stat_replication where state = 'streaming'" 2>/dev/null; }
+# Streaming as the synchronous standby: a pair left by an older version of this script
+# (asynchronous) is not the shape the tests need and gets rebuilt.
+streaming() { q "$PRIMARY_PORT" "select count(*) from pg_stat_replication where state = 'streaming' and sync_state = 'sync'" 2>/dev/null; }
 
-# Settings both clusters share (the standby keeps them after a promotion). conf.d is included
+# Settings of both clusters (the standby keeps its own after a promotion). conf.d is included
 # at the end of Debian's postgresql.conf, so these win over its defaults; postgresql.auto.conf
 # (primary_conninfo, primary_slot_name, written by pg_basebackup -R) is read after them.
 write_conf() {
-  local name=$1 port=$2 etc="/etc/postgresql/$VER/$1"
+  local name=$1 port=$2 sync_names=$3 etc="/etc/postgresql/$VER/$1"
   mkdir -p "$etc/conf.d"
   cat >"$etc/conf.d/90-catena.conf" <<EOF
 # written by scripts/pg-standby.sh
@@ -61,8 +64,10 @@ wal_level = replica
 max_wal_senders = 10
 max_replication_slots = 10
 hot_standby = on
-# asynchronous: a commit on the primary does not wait for the standby
-synchronous_standby_names = ''
+# The primary: '*', a commit is acknowledged once the standby has flushed it, so a SIGKILLed
+# primary takes no acknowledged commit with it (asynchronous, the one killed in CI run 15 of
+# 2026-12-01 took an acked event along). The standby: '', once promoted it has no standby.
+synchronous_standby_names = '$sync_names'
 # the standby retries a lost primary every second instead of every 5
 wal_retrieve_retry_interval = 1s
 EOF
@@ -113,7 +118,7 @@ create_primary() {
   log "creating $VER/$PRIMARY on $PRIMARY_PORT"
   # --start-conf=manual: never started at boot by the postgresql service, only by this script
   pg_createcluster "$VER" "$PRIMARY" -p "$PRIMARY_PORT" --start-conf=manual >/dev/null
-  write_conf "$PRIMARY" "$PRIMARY_PORT"
+  write_conf "$PRIMARY" "$PRIMARY_PORT" '*'
   ctlcluster "$VER" "$PRIMARY" start
   wait_ready "$PRIMARY_PORT"
   # The slot keeps the WAL the standby has not received yet, however long it is down.
@@ -127,7 +132,7 @@ create_standby() {
   # pg_createcluster makes the config (/etc/postgresql/15/catena_standby) and an initdb'd data
   # dir; the data dir is then replaced by the base backup.
   pg_createcluster "$VER" "$STANDBY" -p "$STANDBY_PORT" --start-conf=manual >/dev/null
-  write_conf "$STANDBY" "$STANDBY_PORT"
+  write_conf "$STANDBY" "$STANDBY_PORT" ""
   find "$dd" -mindepth 1 -delete
   # -R: standby.signal + primary_conninfo/primary_slot_name in postgresql.auto.conf.
   # -X stream: the WAL written during the backup comes along. --checkpoint=fast: no 5 min wait.
