@@ -65,8 +65,8 @@ max_wal_senders = 10
 max_replication_slots = 10
 hot_standby = on
 # The primary: '*', a commit is acknowledged once the standby has flushed it, so a SIGKILLed
-# primary takes no acknowledged commit with it (asynchronous, the one killed in CI run 15 of
-# 2026-12-01 took an acked event along). The standby: '', once promoted it has no standby.
+# primary takes no acknowledged commit with it (with asynchronous replication one took an
+# acked event along in CI). The standby: '', once promoted it has no standby to wait for.
 synchronous_standby_names = '$sync_names'
 # the standby retries a lost primary every second instead of every 5
 wal_retrieve_retry_interval = 1s
