@@ -442,7 +442,10 @@ async fn primary_failover(fault: PrimaryFault, tag: &str, seed: u64) {
         "every 202 applied"
     );
     assert_eq!(applied, want, "every event applied once");
-    assert_eq!(doubled, 0);
+    // A commit the primary made but could not acknowledge before it went (the standby has it,
+    // synchronously) is retried on the new primary and counted there as a duplicate: the count
+    // may fall short by those, and only a double apply makes it exceed the events.
+    assert!(doubled <= 0, "applied more than once: {doubled}");
     assert_eq!(parked, 0, "nothing valid parked");
     // The new primary's read model is the events applied once, in order. (Its drop only
     // drops a database of that name on the machine's own server: there is none.)
